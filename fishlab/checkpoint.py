@@ -307,3 +307,27 @@ def fsync_dir(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def inspect_checkpoint(ckpt_dir: str | Path, cfg: DualARConfig | None = None) -> dict:
+    """What is on disk, from headers only: files and their sizes, tensor count and dtypes, the bytes the
+    manifest predicts for the config's dtype, and the codec/tokenizer files present. Raises CheckpointError
+    when the tensors do not match the config."""
+    d = Path(ckpt_dir)
+    cfg, infos = validate_transformer(d, cfg)
+    files = transformer_files(d)
+    dtypes: dict[str, int] = {}
+    for i in infos.values():
+        dtypes[i.dtype] = dtypes.get(i.dtype, 0) + 1
+    extra = {name: (d / name).stat().st_size for name in (spec.CODEC_FILE, spec.TOKENIZER_FILE, spec.CONFIG_FILE)
+             if (d / name).exists()}
+    return {
+        "path": str(d),
+        "files": {f.name: f.stat().st_size for f in files},
+        "weights_bytes": sum(f.stat().st_size for f in files),
+        "tensor_data_bytes": sum(i.nbytes for i in infos.values()),
+        "manifest_bytes": sum(s.nbytes for s in transformer_manifest(cfg)),
+        "tensors": len(infos),
+        "dtypes": dtypes,
+        "other_files": extra,
+    }
