@@ -175,8 +175,8 @@ def compare_to_manifest(infos: dict[str, TensorInfo], expected: Iterable[TensorS
 def validate_transformer(ckpt_dir: str | Path, cfg: DualARConfig | None = None) -> tuple[DualARConfig, dict]:
     """Config + header infos of a plain (unquantized) checkpoint, checked tensor by tensor against the
     manifest. Reads headers only."""
-    cfg = cfg or load_transformer_config(ckpt_dir)
     infos, _ = read_headers(ckpt_dir)
+    cfg = cfg or load_transformer_config(ckpt_dir)
     compare_to_manifest(infos, transformer_manifest(cfg), str(ckpt_dir))
     return cfg, infos
 

@@ -443,7 +443,7 @@ def _demo_hf_dict() -> dict:
     eos, pad, audio_pad, sem0 = base + 2, base + 26, base + 34, base + 35   # same offsets as 151643 + k
     sem_end = sem0 + DEMO_N_SEMANTIC - 1
     vocab = (sem_end + 1 + 2 + 63) // 64 * 64   # two unused rows like the real table, padded to 64
-    common = dict(dim=256, n_head=4, n_local_heads=2, head_dim=64, intermediate_size=768, rope_base=1000000,
+    common = dict(dim=256, n_head=8, n_local_heads=2, head_dim=64, intermediate_size=768, rope_base=1000000,
                   norm_eps=1e-6, dropout=0.0, attention_qkv_bias=False, attention_o_bias=False,
                   initializer_range=256 ** -0.5, use_gradient_checkpointing=True, audio_hidden_dim=512,
                   use_moe=False)
