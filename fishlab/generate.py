@@ -91,7 +91,8 @@ def generate(model: DualARTransformer, prompt_tokens: Tensor, max_new_tokens: in
     last), or (frames, GenerationTrace) with return_trace.
 
     max_new_tokens = 0 means "until the model's context (config max_seq_len) is full"; the count is capped at
-    max_seq_len - P. The slow KV cache is sized to P + max_new_tokens positions. The RAS window (§8.3) is
+    max_seq_len - P. The slow KV cache is (re)allocated for P + max_new_tokens positions unless the model
+    already holds a cache at least that long (stale slots past the current position are never read). The RAS window (§8.3) is
     kept as the reference does (decode-step frames only, shifted left each step) and passed to sample_slow.
     """
     cfg = model.cfg
@@ -103,7 +104,10 @@ def generate(model: DualARTransformer, prompt_tokens: Tensor, max_new_tokens: in
         raise ValueError(f"prompt of {P} columns does not fit max_seq_len {cfg.max_seq_len}")
     room = cfg.max_seq_len - P
     n_max = room if max_new_tokens <= 0 else min(max_new_tokens, room)
-    model.setup_caches(P + n_max)
+    needed = P + n_max
+    kv = model.layers[0].attention.kv_cache if len(model.layers) else None
+    if model.cache_length < needed or kv is None or kv.k_cache.dtype != model.dtype:
+        model.setup_caches(needed)                 # sized to this request; a big-enough cache is reused
     bias = semantic_bias(model)
     trace = GenerationTrace()
 

@@ -8,7 +8,6 @@ config.json and the tensor shapes, so any golden set of the same format works.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -447,3 +446,29 @@ def test_sharded_equals_single_file(tdir, tmp_path, g, model):
     (d / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model-00002-of-00002"):
         load_transformer(d)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA: the same code path on a GPU (skipped where there is none)
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@torch.no_grad()
+def test_cuda_float32_matches_golden(tdir, g):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    m = load_transformer(tdir, device="cuda", dtype=torch.float32)
+    x = g["input_tokens"].cuda()
+    out = m.forward_slow(x)
+    assert_close(out.logits, g["slow_logits"], "cuda slow_logits")
+    assert_close(out.hidden, g["slow_hidden"], "cuda slow_hidden")
+    pos = g["fast_positions"]
+    assert_close(m.fast_logits_teacher_forced(g["slow_hidden"][pos].cuda(), g["fast_teacher_codes"].cuda()),
+                 g["fast_logits"], "cuda fast_logits")
+    frames, trace = generate_greedy(m, g["prompt_tokens"], g["generate_frames"].shape[1], return_trace=True)
+    assert torch.equal(frames.cpu(), g["generate_frames"])
+    assert_close(trace.stacked()["slow_logits"], g["generate_slow_logits"], "cuda generate_slow_logits")
+    mb = load_transformer(tdir, device="cuda", dtype=torch.bfloat16)
+    lb = mb.forward_slow(x).logits
+    assert_close(lb, g["slow_logits"], "cuda bf16 slow_logits", atol=0.1 * g["slow_logits"].abs().max().item(),
+                 rtol=0.0)

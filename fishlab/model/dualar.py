@@ -48,7 +48,7 @@ from ..config import DualARConfig
 
 __all__ = [
     "RMSNorm", "QKNorm", "rope_table", "apply_rope", "KVCache", "Attention", "FeedForward", "TransformerBlock",
-    "SlowOutput", "DualARTransformer", "replace_linears", "linear_names", "TORCH_DTYPES",
+    "AttnPlan", "SlowOutput", "DualARTransformer", "replace_linears", "linear_names", "TORCH_DTYPES",
 ]
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -150,6 +150,41 @@ class KVCache(nn.Module):
 # Attention, MLP, block (§5.1, §5.3, §5.5, §6.1)
 # ----------------------------------------------------------------------------------------------------
 
+@dataclass
+class AttnPlan:
+    """Which keys each query sees, decided once per forward (not per layer).
+
+    input_pos: [T] cache slots to write, or None (no cache: positions 0..T-1, keys = this call's k/v).
+    n_keys: keys 0..n_keys-1 are attended over.
+    mask: bool [T, n_keys] (True = visible) when needed, None when `causal` or when every key is visible.
+    """
+    input_pos: Tensor | None
+    n_keys: int
+    causal: bool
+    mask: Tensor | None
+
+    @staticmethod
+    def build(positions: Tensor, use_cache: bool) -> "AttnPlan":
+        """Plan for queries at `positions` [T] attending to keys 0..p (query at position p). Only masks for
+        the positions in use are ever built: at most [T, max(positions)+1]."""
+        T = positions.numel()
+        n_keys = int(positions.max()) + 1 if use_cache else T          # the one host sync of a forward
+        if T == 1 and use_cache:                                       # decode: every key 0..p is visible
+            return AttnPlan(positions, n_keys, False, None)
+        first = int(positions[0]) if use_cache else 0
+        if n_keys == T and first == 0 and (not use_cache or bool((positions == torch.arange(
+                T, device=positions.device)).all())):                  # a whole causal block from 0
+            return AttnPlan(positions if use_cache else None, n_keys, True, None)
+        mask = torch.arange(n_keys, device=positions.device)[None, :] <= positions[:, None]
+        return AttnPlan(positions if use_cache else None, n_keys, False, mask)
+
+    def visible(self, T: int, device: torch.device) -> Tensor | None:
+        """The bool mask, materialised for a causal plan (the hand-written routine needs it); None = all."""
+        if self.causal:
+            return torch.ones(T, self.n_keys, dtype=torch.bool, device=device).tril(self.n_keys - T)
+        return self.mask
+
+
 class Attention(nn.Module):
     """Fused-QKV GQA attention. kind="sdpa" (slow AR) or "manual" (fast AR's hand-written routine)."""
 
@@ -167,61 +202,42 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, rope: Tensor, input_pos: Tensor | None) -> Tensor:
-        """x [B, T, dim], rope [T, D/2, 2] rows for the positions of x, input_pos [T] (None = no cache,
-        positions 0..T-1). Query at position p attends to keys 0..p."""
+    def forward(self, x: Tensor, rope: Tensor, plan: AttnPlan) -> Tensor:
+        """x [B, T, dim], rope [T, D/2, 2] rows for the positions of x, plan: cache slots and visibility."""
         B, T, _ = x.shape
         hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_heads
         q, k, v = self.wqkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q, k, v = q.view(B, T, nh, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
-        if self.q_norm is not None:
+        if self.q_norm is not None:                                # QK-norm before RoPE (§5.3)
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))          # [B, H, T, D]
 
-        if input_pos is None:
-            q_pos = torch.arange(T, device=x.device)
-            n_keys = T
-        else:
+        if plan.input_pos is not None:
             if self.kv_cache is None:
                 raise RuntimeError("KV cache not set up: call model.setup_caches(...) first")
-            q_pos = input_pos
-            n_keys = int(input_pos.max()) + 1
-            if n_keys > self.kv_cache.length:
-                raise ValueError(f"position {n_keys - 1} is past the KV cache length {self.kv_cache.length}")
-            k_all, v_all = self.kv_cache.update(input_pos, k, v)
-            k, v = k_all[:, :, :n_keys], v_all[:, :, :n_keys]
+            if plan.n_keys > self.kv_cache.length:
+                raise ValueError(f"position {plan.n_keys - 1} is past the KV cache length {self.kv_cache.length}")
+            k_all, v_all = self.kv_cache.update(plan.input_pos, k, v)
+            k, v = k_all[:, :, : plan.n_keys], v_all[:, :, : plan.n_keys]
 
         group = nh // nkv                                          # GQA: kv head j serves heads gj..gj+g-1
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
 
         if self.kind == "sdpa":
-            y = self._sdpa(q, k, v, q_pos, n_keys)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, is_causal=plan.causal)
         else:
-            y = self._manual(q, k, v, q_pos, n_keys)
+            y = self._manual(q, k, v, plan.visible(T, x.device))
         return self.wo(y.transpose(1, 2).reshape(B, T, nh * hd))
 
-    @staticmethod
-    def _allowed(q_pos: Tensor, n_keys: int) -> Tensor:
-        """Bool [T, n_keys]: key j is visible from a query at position p iff j <= p (built on the fly)."""
-        return torch.arange(n_keys, device=q_pos.device)[None, :] <= q_pos[:, None]
-
-    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, n_keys: int) -> Tensor:
-        T = q.size(2)
-        if T == 1 and int(q_pos[0]) == n_keys - 1:               # single new token: every key is visible
-            return F.scaled_dot_product_attention(q, k, v)
-        if T == n_keys and int(q_pos[0]) == 0 and int(q_pos[-1]) == T - 1:   # full causal block from 0
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self._allowed(q_pos, n_keys))
-
-    def _manual(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, n_keys: int) -> Tensor:
+    def _manual(self, q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None) -> Tensor:
         # §6.1: every step in the model dtype: s = q k^T; s *= 1/sqrt(d); s += bias(0/-inf); softmax; p v.
         s = q @ k.transpose(-2, -1)
         s = s * (1.0 / math.sqrt(self.head_dim))
-        bias = torch.zeros(q_pos.numel(), n_keys, dtype=s.dtype, device=s.device)
-        bias.masked_fill_(~self._allowed(q_pos, n_keys), float("-inf"))
-        s = s + bias
+        if visible is not None:                                    # an all-zero bias would change nothing
+            bias = torch.zeros(visible.shape, dtype=s.dtype, device=s.device)
+            s = s + bias.masked_fill_(~visible, float("-inf"))
         p = torch.softmax(s, dim=-1)
         return p @ v
 
@@ -250,8 +266,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(dim, eps)
         self.ffn_norm = RMSNorm(dim, eps)
 
-    def forward(self, x: Tensor, rope: Tensor, input_pos: Tensor | None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, input_pos)
+    def forward(self, x: Tensor, rope: Tensor, plan: AttnPlan) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, plan)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -399,8 +415,9 @@ class DualARTransformer(nn.Module):
             raise ValueError(f"{pos.numel()} positions given for {T} columns")
         pos = pos.to(device=x.device, dtype=torch.long)
         rope = rope_table(pos, self.cfg.head_dim, self.cfg.rope_base)
+        plan = AttnPlan.build(pos, use_cache=input_pos is not None)
         for layer in self.layers:
-            x = layer(x, rope, pos if input_pos is not None else None)
+            x = layer(x, rope, plan)
         if not return_all:
             x = x[:, -1:]
         h = self.norm(x)
@@ -442,8 +459,9 @@ class DualARTransformer(nn.Module):
         self._ensure_fast_cache(x.size(0))
         p = torch.tensor([pos], device=x.device)
         rope = rope_table(p, self.cfg.fast_head_dim, self.cfg.rope_base)
+        plan = AttnPlan(p, pos + 1, False, None)                  # keys = slots 0..pos, all visible
         for layer in self.fast_layers:
-            x = layer(x, rope, p)
+            x = layer(x, rope, plan)
         return self.fast_output(self.fast_norm(x))
 
     def fast_logits_teacher_forced(self, hidden: Tensor, codes: Tensor) -> Tensor:
@@ -477,8 +495,9 @@ class DualARTransformer(nn.Module):
                        self.fast_embeddings(codes[:, : C - 1].clamp(0, self.cfg.codebook_size - 1))], dim=1)
         pos = torch.arange(C, device=x.device)
         rope = rope_table(pos, self.cfg.fast_head_dim, self.cfg.rope_base)
+        plan = AttnPlan(None, C, True, None)
         for layer in self.fast_layers:
-            x = layer(x, rope, None)
+            x = layer(x, rope, plan)
         return self.fast_output(self.fast_norm(x))
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None, return_all: bool = True) -> SlowOutput:
