@@ -123,3 +123,28 @@ def test_wrong_dtypes_and_bits():
     with pytest.raises(PackError, match="expected"):
         unpack(torch.zeros(4, dtype=torch.uint8), 3, 8)
     assert issubclass(PackError, ValueError)
+
+
+# ---- an independent numpy decoder written from docs/packed-format.md alone
+
+
+def _doc_decode(buf: bytes, bits, numel):
+    import numpy as np
+
+    b = np.frombuffer(buf, dtype=np.uint8).astype(np.int64)
+    if bits == 8:
+        return np.frombuffer(buf, dtype=np.int8)[:numel].astype(np.int64)
+    if bits in (2, 4):
+        per = 8 // bits
+        u = np.stack([(b >> (bits * k)) & ((1 << bits) - 1) for k in range(per)], axis=1)
+    else:
+        w = b[0::3] | (b[1::3] << 8) | (b[2::3] << 16)
+        u = np.stack([(w >> (3 * k)) & 7 for k in range(8)], axis=1)
+    return u.reshape(-1)[:numel] - (1 << (bits - 1))
+
+
+@pytest.mark.parametrize("bits", INT_BITS)
+def test_doc_decoder_agrees(bits):
+    q = _full_range(bits, 1001, seed=bits)
+    p = pack(q, bits)
+    assert _doc_decode(p.numpy().tobytes(), bits, 1001).tolist() == q.tolist()

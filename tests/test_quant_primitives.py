@@ -378,3 +378,27 @@ def test_qtensor_nbytes():
     assert qt.nbytes() == 64 * 256 // 2 + 64 * 2 * 4
     assert isinstance(qt, QTensor)
     assert math.isclose(qt.nbytes() / (64 * 256 * 2), 0.265625)
+
+
+def test_safetensors_naming_convention_roundtrip(tmp_path):
+    """The convention of docs/packed-format.md §4 works with a plain safetensors file."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    w = {"blk.0.w1.weight": _rand((32, 200), seed=14), "blk.0.w2.weight": _rand((16, 64), seed=15)}
+    schemes = {"blk.0.w1.weight": INT3_G128, "blk.0.w2.weight": Scheme("fp8", 8, None, "bfloat16")}
+    tensors, descs = {}, {}
+    for k, v in w.items():
+        qt = quantize_tensor(k, v, schemes[k])
+        tensors[k + ".qdata"], tensors[k + ".scale"] = qt.qdata, qt.scale
+        descs[k] = describe(qt)
+    meta = {"quantization": json.dumps({"format_version": FORMAT_VERSION, "tensors": descs})}
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    with safe_open(str(path), framework="pt") as f:
+        info = json.loads(f.metadata()["quantization"])
+        for k, desc in info["tensors"].items():
+            qt = from_description(desc, f.get_tensor(k + ".qdata"), f.get_tensor(k + ".scale"), name=k)
+            ref = quantize_tensor(k, w[k], schemes[k])
+            assert torch.equal(dequantize_tensor(qt), dequantize_tensor(ref))
+            assert qt.shape == w[k].shape
