@@ -26,15 +26,11 @@ import torch
 from torch import Tensor
 
 from .. import spec
+from ..checkpoint import CheckpointError
 from ..config import CodecConfig, load_codec_config
 from ..io import atomic_path
 from .codec import Codec, WindowLimitedTransformer
 
-try:  # the package-wide checkpoint error, once fishlab.checkpoint provides it
-    from ..checkpoint import CheckpointError
-except ImportError:
-    class CheckpointError(ValueError):
-        """A checkpoint file that fishlab cannot use; the message names the file."""
 
 CODEC_SAFETENSORS_FILE = spec.SINGLE_FILE   # golden sets store the codec as model.safetensors
 _SHOW = 5   # names quoted per problem in an error message
