@@ -1,0 +1,112 @@
+"""`fishlab` command line. One small function pair per verb, registered in COMMANDS:
+
+    COMMANDS["sizes"] = (add_sizes_arguments, cmd_sizes)
+
+`add_*_arguments(parser)` fills the verb's argparse sub-parser; `cmd_*(args) -> int` does the work and
+returns the exit status. A user error raises `UserError` (or the runner's `RunnerError`): main prints one
+line to stderr and exits 2, no traceback. Exit statuses: 0 ok, 1 the work ran but failed (e.g. a report failed), 2 user error, 130 Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+PROG = "fishlab"
+
+
+class UserError(Exception):
+    """A mistake on the command line or in an input file: printed as one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# fishlab run
+# ----------------------------------------------------------------------------------------------------
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params/default.yaml", metavar="FILE",
+                   help="run file (default: %(default)s)")
+    p.add_argument("--run", dest="run_name", metavar="NAME",
+                   help="run name, i.e. the folder under renders/ (default: run.name in the params file)")
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="override the shared 'checkpoint' parameter (a checkpoint directory)")
+    p.add_argument("--show-code", action="store_true", help="show code cells in the HTML reports")
+    p.add_argument("--only", nargs="+", metavar="REPORT",
+                   help="run only these reports (a report name such as 10_phase-1b, or a notebook name "
+                        "for all its reports); the index keeps the others from the previous run")
+    p.add_argument("--timeout", type=_positive_float, metavar="S",
+                   help="per-cell execution timeout in seconds (default: none)")
+    p.add_argument("--notebooks-dir", default="notebooks", metavar="DIR", help="default: %(default)s")
+    p.add_argument("--renders-dir", default="renders", metavar="DIR", help="default: %(default)s")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runner import run
+
+    overrides = {}
+    if args.checkpoint is not None:
+        ckpt = Path(args.checkpoint)
+        if not ckpt.exists():
+            raise UserError(f"checkpoint not found: {ckpt}")
+        overrides["checkpoint"] = str(ckpt.resolve())
+    result = run(args.params, run_name=args.run_name, notebooks_dir=args.notebooks_dir,
+                 renders_dir=args.renders_dir, show_code=args.show_code, only=args.only,
+                 overrides=overrides, timeout=args.timeout)
+    return 0 if result.ok else 1
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {s!r}")
+    return v
+
+
+# ----------------------------------------------------------------------------------------------------
+# Registry and entry point
+# ----------------------------------------------------------------------------------------------------
+
+Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+COMMANDS: dict[str, Command] = {
+    "run": (add_run_arguments, cmd_run),
+}
+
+HELP = {
+    "run": "execute the workbook notebooks of a params file and render HTML reports",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="fishlab: quantization workbook for Fish Audio S2 Pro")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (add_arguments, handler) in COMMANDS.items():
+        doc = HELP.get(name) or (handler.__doc__ or "").strip().splitlines()[0:1]
+        sp = sub.add_parser(name, help=doc if isinstance(doc, str) else (doc[0] if doc else None))
+        add_arguments(sp)
+        sp.set_defaults(_handler=handler)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .runner import RunnerError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)        # usage errors: argparse prints usage + one line and exits 2
+    try:
+        return int(args._handler(args) or 0)
+    except (UserError, RunnerError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":   # python -m fishlab.cli
+    sys.exit(main())
