@@ -18,22 +18,10 @@ from . import spec
 from .config import ModelConfig
 from .manifest import COMPONENTS, TensorSpec, codec_manifest, linear_targets, transformer_manifest
 from .phases import Phase
+from .quant.pack import packed_nbytes
 
 DATA = Path(__file__).resolve().parent / "data"
 GB = 1e9
-
-
-def packed_nbytes(numel: int, bits: int) -> int:
-    """Bytes of `numel` signed integers packed densely at `bits` each (INT3: 8 values per 3 bytes)."""
-    if bits == 8:
-        return numel
-    if bits == 4:
-        return (numel + 1) // 2
-    if bits == 3:
-        return (numel + 7) // 8 * 3
-    if bits == 2:
-        return (numel + 3) // 4
-    raise ValueError(f"no packed layout for {bits}-bit integers")
 
 
 def n_groups(cols: int, group_size: int | None) -> int:
@@ -41,12 +29,11 @@ def n_groups(cols: int, group_size: int | None) -> int:
 
 
 def quantized_nbytes(shape: tuple, method: str, bits: int, group_size: int | None, scale_dtype: str) -> dict:
-    """{'data': ..., 'scales': ...} bytes of one 2-D weight [rows, cols] in fishlab's packed format.
-    A last partial group is zero-padded to the group size before packing (docs/packed-format.md)."""
+    """{'data': ..., 'scales': ...} bytes of one 2-D weight [rows, cols] in fishlab's packed format: one dense
+    stream of rows*cols values, a last partial group implied but not stored (docs/packed-format.md)."""
     rows, cols = shape
     groups = n_groups(cols, group_size)
-    padded = cols if group_size is None else groups * group_size
-    data = rows * padded if method == "fp8" else packed_nbytes(rows * padded, bits)
+    data = packed_nbytes(rows * cols, "fp8" if method == "fp8" else bits)
     return {"data": data, "scales": rows * groups * spec.DTYPE_BYTES[scale_dtype]}
 
 

@@ -2,7 +2,7 @@ import pytest
 
 from fishlab.config import preset
 from fishlab.phases import Phase, PhaseError, load_phase, load_phases
-from fishlab.sizes import (GB, bf16_estimate, gguf_estimate, load_gguf_types, packed_nbytes, phase_estimate,
+from fishlab.sizes import (GB, bf16_estimate, gguf_estimate, load_gguf_types, phase_estimate,
                            quantized_nbytes, size_analysis, traffic_per_frame)
 
 S2 = preset("s2-pro")
@@ -10,22 +10,14 @@ SLOW_LINEAR_PARAMS = 36 * (6144 * 2560 + 2560 * 4096 + 3 * 9728 * 2560)   # 3,63
 ALL_LINEAR_PARAMS = SLOW_LINEAR_PARAMS + 4 * (6144 * 2560 + 2560 * 4096 + 3 * 9728 * 2560) + 4096 * 2560
 
 
-def test_dense_packing_hand_worked():
-    assert [packed_nbytes(n, 8) for n in (1, 7)] == [1, 7]
-    assert [packed_nbytes(n, 4) for n in (1, 2, 3, 256)] == [1, 1, 2, 128]
-    assert [packed_nbytes(n, 3) for n in (1, 8, 9, 256)] == [3, 3, 6, 96]
-    assert [packed_nbytes(n, 2) for n in (1, 4, 5, 256)] == [1, 1, 2, 64]
-    with pytest.raises(ValueError):
-        packed_nbytes(8, 5)
-
-
 def test_quantized_tensor_bytes_hand_worked():
     assert quantized_nbytes((4, 256), "int", 4, 128, "float32") == {"data": 512, "scales": 4 * 2 * 4}
     assert quantized_nbytes((2, 128), "int", 3, 128, "float32") == {"data": 96, "scales": 8}
     assert quantized_nbytes((3, 10), "fp8", 8, None, "float32") == {"data": 30, "scales": 12}
     assert quantized_nbytes((3, 10), "int", 8, None, "bfloat16") == {"data": 30, "scales": 6}
-    # 100 columns in groups of 64: the last group is zero-padded to 64 -> 2 groups, 128 packed values per row
-    assert quantized_nbytes((2, 100), "int", 2, 64, "float32") == {"data": 64, "scales": 16}
+    # 100 columns in groups of 64: 2 groups per row (the second implied-padded), 200 values packed densely
+    assert quantized_nbytes((2, 100), "int", 2, 64, "float32") == {"data": 50, "scales": 16}
+    assert quantized_nbytes((1, 9), "int", 3, None, "float32") == {"data": 6, "scales": 4}   # 2 whole INT3 units
 
 
 def test_s2pro_phase_totals_hand_worked():
