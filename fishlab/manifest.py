@@ -151,8 +151,9 @@ def _codec_specs(c: CodecConfig, dtype: str) -> list[tuple[str, tuple, str, str]
                     (p + "codebook.weight", (size, cd), "embedding", group)])
 
     def resample(p, group, transposed):
-        d, f = c.latent_dim, None
-        for i, f in enumerate(c.downsample_factors):
+        d = c.latent_dim
+        factors = reversed(c.downsample_factors) if transposed else c.downsample_factors  # upsample: reverse order
+        for i, f in enumerate(factors):
             s = f"{p}{i}."
             out.extend([(s + "0.conv.weight", (d, d, f), "conv", group),
                         (s + "0.conv.bias", (d,), "conv", group),
