@@ -9,6 +9,7 @@ line to stderr and exits 2, no traceback. Exit statuses: 0 ok, 1 the work ran bu
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -98,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)        # usage errors: argparse prints usage + one line and exits 2
+    old_term = _sigterm_as_interrupt()
     try:
         return int(args._handler(args) or 0)
     except (UserError, RunnerError) as e:
@@ -106,6 +108,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM (CI cancel, `kill`) takes the Ctrl-C path: the runner marks the run interrupted and shuts the
+    kernel down (kernels run in their own process group, so a bare SIGTERM would orphan them)."""
+    try:
+        return signal.signal(signal.SIGTERM, _raise_interrupt)
+    except (ValueError, OSError):     # not the main thread
+        return None
 
 
 if __name__ == "__main__":   # python -m fishlab.cli

@@ -3,10 +3,13 @@ throwaway notebooks that succeed, raise, kill their kernel and time out."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import nbformat
@@ -400,7 +403,11 @@ def test_run_integration(tmp_path, capsys):
     assert "exit status 1" in res.report("dies").reason["message"]
     assert "5 s" in res.report("sleeps").reason["message"]
 
-    # re-run only the ok report with code shown: the others are carried over from the previous run
+    # re-run only the ok report with code shown: the others are carried over from the previous run;
+    # a side file this run does not rewrite is listed as stale
+    old = run_dir / "ok.leftover.json"
+    old.write_text("{}")
+    os.utime(old, (1_000_000_000, 1_000_000_000))
     res2 = runner.run(params, notebooks_dir=nbdir, renders_dir=renders, show_code=True, only=["ok"])
     assert res2.ok is True and res2.executed == ["ok"]
     assert {r.name: (r.status, r.previous) for r in res2.reports} == {
@@ -410,4 +417,35 @@ def test_run_integration(tmp_path, capsys):
     assert "subplots" in shown and "time.sleep" not in shown and not EXTERNAL_URL.search(shown)
     index2 = (run_dir / "index.html").read_text()
     assert "from an earlier run" in index2
+    assert {f["name"]: f["stale"] for f in res2.report("ok").side_files} == {
+        "all_results.json": False, "ok.leftover.json": True, "ok.metrics.json": False}
+    assert "stale" in index2
     assert json.loads((run_dir / "run.json").read_text())["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_cli_sigterm_marks_run_interrupted(tmp_path):
+    nbdir = tmp_path / "notebooks"
+    write_notebook(nbdir / "sleeps.ipynb", "import time\ntime.sleep(60)")
+    write_notebook(nbdir / "after.ipynb", "pass")
+    write(tmp_path / "params" / "run.yaml", "run: {name: term, notebooks: [sleeps, after]}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "fishlab.cli", "run", "--params", "params/run.yaml"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    status = tmp_path / "renders" / "term" / "run.json"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:       # wait until the sleeping cell runs
+        if (tmp_path / "renders" / "term" / ".sleeps.partial.ipynb").exists():
+            nb = json.loads((tmp_path / "renders" / "term" / ".sleeps.partial.ipynb").read_text() or "{}")
+            if any(c.get("metadata", {}).get("papermill", {}).get("status") == "running"
+                   for c in nb.get("cells", [])):
+                break
+        time.sleep(0.2)
+    data = json.loads(status.read_text())
+    assert data["status"] == "running" and data["ok"] is None
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    data = json.loads(status.read_text())
+    assert data["status"] == "interrupted"
+    assert [(r["name"], r["status"]) for r in data["reports"]] == [("sleeps", "interrupted"), ("after", "not run")]
+    assert "badge s-ok" not in (tmp_path / "renders" / "term" / "index.html").read_text()
