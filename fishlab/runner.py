@@ -609,7 +609,7 @@ def _run_one(rep: Report, rr: ReportResult, run_dir: Path, kernel_cwd: Path, sho
     rr.ipynb = final_ipynb.name
     partial.unlink(missing_ok=True)
     try:
-        write_text_atomic(run_dir / f"{rep.name}.html", render_html(nb, show_code=show_code))
+        write_text_atomic(run_dir / f"{rep.name}.html", render_html(nb, show_code=show_code, title=rep.name))
         rr.html = f"{rep.name}.html"
     except Exception as e:              # noqa: BLE001
         rr.html = None
@@ -660,7 +660,8 @@ def _classify(error, nb, exit_code, kernel_log, timeout, records) -> tuple[str, 
         exit_code is not None and exit_code != 0 and not isinstance(error, (OSError, ValueError)))
     if died:
         how = _describe_exit(exit_code)
-        reason["message"] = f"the kernel died while running a cell ({how})"
+        when = "while running a cell" if cell is not None else "before running any cell"
+        reason["message"] = f"the kernel died {when} ({how})"
         log_lines = "\n".join(r.getMessage() for r in records if r.levelno >= logging.ERROR)
         reason["tail"] = _tail(kernel_log) or _tail(log_lines)
         return STATUS_DEAD, reason
@@ -770,7 +771,7 @@ def strip_external_resources(html_text: str) -> str:
     return _EXTERNAL_LINK_RE.sub("", _EXTERNAL_SCRIPT_RE.sub("", html_text))
 
 
-def render_html(nb, show_code: bool = False) -> str:
+def render_html(nb, show_code: bool = False, title: str | None = None) -> str:
     """A self-contained HTML page for an executed notebook: lab template, images inline as base64, no
     external scripts or stylesheets, no widget JS; code cells hidden unless `show_code`."""
     from nbconvert import HTMLExporter
@@ -794,7 +795,8 @@ def render_html(nb, show_code: bool = False) -> str:
         exporter.exclude_input = True
         exporter.exclude_input_prompt = True
         exporter.exclude_output_prompt = True
-    body, _ = exporter.from_notebook_node(nb)
+    resources = {"metadata": {"name": title}} if title else None
+    body, _ = exporter.from_notebook_node(nb, resources=resources)
     return strip_external_resources(body)
 
 
@@ -896,6 +898,8 @@ def render_index(result: RunResult) -> str:
             tail = rs.get("tail") or ""
             reason = (f"<details><summary>{e(head)}</summary><pre>{e(tail)}</pre></details>" if tail
                       else e(head))
+        if r.warnings:
+            reason += "".join(f'<div class="prev">warning: {e(w)}</div>' for w in r.warnings)
         prev = ' <span class="prev">(from an earlier run)</span>' if r.previous else ""
         rows.append(
             f'<tr id="{e(r.name)}"><td class="num">{i}</td><td>{e(r.name)}{prev}</td>'

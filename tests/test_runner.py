@@ -329,7 +329,7 @@ def test_run_integration(tmp_path, capsys):
             - notebook: sleeps
     """)
     renders = tmp_path / "renders"
-    res = runner.run(params, notebooks_dir=nbdir, renders_dir=renders, timeout=5)
+    res = runner.run(params, notebooks_dir=nbdir, renders_dir=renders, timeout=5, show_progress=False)
     run_dir = renders / "itest"
     assert res.run_dir == run_dir.resolve()
     assert res.ok is False
@@ -357,6 +357,7 @@ def test_run_integration(tmp_path, capsys):
 
     # ok report: figure embedded, no external scripts, code hidden, side files listed
     ok_html = (run_dir / "ok.html").read_text()
+    assert "<title>ok</title>" in ok_html
     assert re.search(r'<img [^>]*src="data:image/png;base64,', ok_html)
     assert not EXTERNAL_URL.search(ok_html)
     assert "widget-state" not in ok_html and "require.js" not in ok_html.lower()
