@@ -1,8 +1,14 @@
 """Frame generation with the DualAR model (spec s2pro-model.md §6.3, §8).
 
-Only greedy decoding (top_k = 1) is implemented: the deterministic case the golden sets pin down. The loop is
-written around two replaceable functions so full sampling (§8.2 top-p / top-k / temperature, §8.3 RAS) can
-be added later without touching the loop:
+Two decoders share one loop (`generate`):
+- greedy (top_k = 1, `generate_greedy`): the deterministic case the golden sets pin down;
+- full sampling (`generate_sampled`): §8.2 `sample` (top-p on the untempered distribution with the crossing
+  token removed, top-k, temperature after, exponential race) for the slow token with §8.3 repetition-aware
+  sampling (RAS), and the same `sample` without bias or RAS for the fast codes. Randomness comes only from a
+  dedicated `torch.Generator` on the model's device (never the global RNG), so on one device and torch
+  version the same seed gives the same frames.
+
+The loop takes two replaceable functions:
 
 - `sample_slow(logits_with_bias [V], window [C+1, W] | None) -> token id` (the window is None at prefill;
   greedy ignores it);
@@ -18,16 +24,20 @@ frame (whether or not it is the <|im_end|> frame): that is `frames_to_codes`, ap
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import Tensor
 
+from . import spec
 from .model.dualar import DualARTransformer
 
 __all__ = ["semantic_bias", "sample_greedy", "GenerationTrace", "fast_decode", "generate", "generate_greedy",
-           "frames_to_codes"]
+           "frames_to_codes", "SamplingParams", "check_sampling_params", "as_model_scalar", "sample", "removal_mask",
+           "exponential_race",
+           "make_slow_sampler", "make_fast_sampler", "make_generator", "generate_sampled", "stop_reason"]
 
 SlowSampler = Callable[[Tensor, "Tensor | None"], Tensor]
 FastSampler = Callable[[Tensor], Tensor]
@@ -148,3 +158,171 @@ def frames_to_codes(frames: Tensor) -> Tensor:
     if codes.numel() and int(codes.min()) < 0:
         raise ValueError("negative code in generated frames")
     return codes
+
+
+def stop_reason(frames: Tensor, eos_token_id: int) -> str:
+    """Why a `generate` call ended: "eos" when the last frame is <|im_end|> and was tested (any frame but the
+    first, §8.4), else "length" (the frame budget, or the context, ran out)."""
+    n = frames.size(1)
+    if n >= 2 and int(frames[0, -1]) == eos_token_id:
+        return "eos"
+    return "length"
+
+
+# ----------------------------------------------------------------------------------------------------
+# full sampling (§8.2, §8.3)
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """The user-facing knobs, as Python numbers (HTTP API defaults, §10). `sample` rounds temperature and
+    top_p to the model dtype (bf16: 0.8 -> 0.80078125), as the reference's 0-d tensors do."""
+    temperature: float = spec.API_TEMPERATURE
+    top_p: float = spec.API_TOP_P
+    top_k: int = spec.DEFAULT_TOP_K
+
+    def __post_init__(self):
+        check_sampling_params(self.temperature, self.top_p, self.top_k)
+
+
+def check_sampling_params(temperature: float, top_p: float, top_k: int) -> None:
+    """The driver's validation (§10): 0 < top_p <= 1, 0 < temperature < 2; top_k must be an int >= 1."""
+    for name, v in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if not 0 < float(top_p) <= 1:
+        raise ValueError(f"top_p must satisfy 0 < top_p <= 1, got {top_p}")
+    if not 0 < float(temperature) < 2:
+        raise ValueError(f"temperature must satisfy 0 < temperature < 2, got {temperature}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+
+
+def as_model_scalar(value: float | Tensor, dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
+    """A 0-d tensor of `dtype` (the reference passes temperature / top_p this way, so bf16 rounds them:
+    0.9 -> 0.8984375, 0.8 -> 0.80078125, 0.7 -> 0.69921875, 1.0 -> 1.0)."""
+    if isinstance(value, Tensor):
+        return value.to(dtype=dtype, device=device).reshape(())
+    return torch.tensor(float(value), dtype=dtype, device=device)
+
+
+def sample(logits: Tensor, temperature: float | Tensor, top_p: float | Tensor, top_k: int,
+           generator: torch.Generator | None = None) -> Tensor:
+    """One token from a 1-D logit vector, exactly as §8.2, in the logits' dtype:
+
+    1. sort descending (stable, so equal logits keep vocabulary order); 2. p = softmax(sorted), cum = cumsum(p);
+    3. remove sorted position j if cum[j] > top_p or j >= top_k, position 0 always kept (the token whose mass
+    first crosses top_p is itself removed; a top-1 alone above top_p survives alone); 4. removed logits -> -inf
+    in vocabulary order; 5. divide by max(temperature, 1e-5) (AFTER the top-p/top-k decision); 6. softmax;
+    7. exponential race: u ~ U[0,1) of the logits' dtype from `generator`, pick argmax(probs / -log(u)), ties
+    to the lowest index.
+
+    temperature / top_p are rounded to the logits' dtype (0-d tensors). Returns a 0-d int64 tensor on the
+    logits' device (the reference returns int32; the value is the same).
+
+    One guard the reference lacks: with bf16 noise u == 0 happens (about 1 element in 500 with torch 2.13 on
+    the CPU) and gives probs / inf = 0; if that hits every kept token, a plain argmax would return index 0 even though it was
+    removed. Removed positions therefore compare as -1, so the pick is always a kept token (identical to the
+    reference whenever the reference picks a kept token).
+    """
+    if logits.dim() != 1:
+        raise ValueError(f"sample expects a 1-D logit vector, got shape {tuple(logits.shape)}")
+    dtype, device = logits.dtype, logits.device
+    t = as_model_scalar(temperature, dtype, device)
+    remove = removal_mask(logits, top_p, top_k)
+    kept = logits.masked_fill(remove, float("-inf"))
+    kept = kept / torch.clamp(t, min=1e-5)
+    probs = torch.softmax(kept, dim=-1)
+    u = torch.rand(probs.shape, generator=generator, dtype=dtype, device=device)
+    return exponential_race(probs, u, remove)
+
+
+def removal_mask(logits: Tensor, top_p: float | Tensor, top_k: int) -> Tensor:
+    """§8.2 steps 1-4: bool [V] in vocabulary order, True = removed. Computed on the UNTEMPERED logits in their
+    dtype: sorted position j is removed if cum[j] > top_p (top_p rounded to the logits' dtype) or j >= top_k;
+    sorted position 0 is always kept."""
+    p = as_model_scalar(top_p, logits.dtype, logits.device)
+    sorted_logits, order = torch.sort(logits, descending=True, stable=True)
+    cum = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1)
+    remove_sorted = cum > p
+    remove_sorted[top_k:] = True
+    remove_sorted[0] = False
+    return torch.empty_like(remove_sorted).scatter_(0, order, remove_sorted)
+
+
+def exponential_race(probs: Tensor, u: Tensor, removed: Tensor | None = None) -> Tensor:
+    """§8.2 step 7: argmax_j probs_j / (-log u_j), ties to the lowest index (0-d int64). Removed positions
+    (if given) compare as -1, so they can never win (see `sample`)."""
+    race = probs / -torch.log(u)
+    if removed is not None:
+        race = race.masked_fill(removed, -1)
+    return torch.argmax(race, dim=-1).to(torch.long)
+
+
+def make_slow_sampler(model: DualARTransformer, params: SamplingParams, generator: torch.Generator | None):
+    """The slow sampler with RAS (§8.3), for `generate(sample_slow=...)`: `(logits + bias [V], window) -> id`.
+
+    Both t_norm = sample(ℓ', temperature, top_p, top_k) and t_high = sample(ℓ', 1.0, 0.9, top_k) are drawn on
+    every step, in that order (RNG order). The token is t_high when a window exists (decode steps only; the
+    prefill call passes None), t_norm is a semantic id and t_norm equals any token id (row 0) in the window;
+    otherwise t_norm. The window itself is kept by `generate` (decode-step frames only, zeros at the start)."""
+    cfg = model.cfg
+    lo, hi = cfg.semantic_begin_id, cfg.semantic_end_id
+    dtype = model.dtype
+    t_norm_t = as_model_scalar(params.temperature, dtype, model.device)
+    p_norm_t = as_model_scalar(params.top_p, dtype, model.device)
+    t_high_t = as_model_scalar(spec.RAS_HIGH_TEMPERATURE, dtype, model.device)
+    p_high_t = as_model_scalar(spec.RAS_HIGH_TOP_P, dtype, model.device)
+
+    def sample_slow(logits: Tensor, window: Tensor | None) -> Tensor:
+        t_norm = sample(logits, t_norm_t, p_norm_t, params.top_k, generator)
+        t_high = sample(logits, t_high_t, p_high_t, params.top_k, generator)
+        if window is None:
+            return t_norm
+        repeat = (t_norm >= lo) & (t_norm <= hi) & (window[0] == t_norm).any()
+        return torch.where(repeat, t_high, t_norm)
+
+    return sample_slow
+
+
+def make_fast_sampler(model: DualARTransformer, params: SamplingParams, generator: torch.Generator | None):
+    """The fast sampler (§6.3 step 4): the same `sample` and parameters as the slow token, no bias, no RAS."""
+    t = as_model_scalar(params.temperature, model.dtype, model.device)
+    p = as_model_scalar(params.top_p, model.dtype, model.device)
+
+    def sample_fast(logits: Tensor) -> Tensor:
+        return sample(logits, t, p, params.top_k, generator)
+
+    return sample_fast
+
+
+def make_generator(device: torch.device | str, seed: int | None) -> torch.Generator:
+    """A dedicated generator on `device`: seeded with `seed`, or from fresh OS entropy when seed is None."""
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(int(seed))
+    return g
+
+
+def generate_sampled(model: DualARTransformer, prompt_tokens: Tensor, max_new_tokens: int = spec.API_MAX_NEW_TOKENS,
+                     temperature: float = spec.API_TEMPERATURE, top_p: float = spec.API_TOP_P,
+                     top_k: int = spec.DEFAULT_TOP_K, seed: int | None = None,
+                     generator: torch.Generator | None = None, return_trace: bool = False):
+    """Sampled generation (§8.2-§8.4) after a [C+1, P] prompt: frames [C+1, N] (every frame, including the
+    last; `frames_to_codes` drops it), or (frames, trace) with return_trace.
+
+    Randomness: `generator` if given (it is advanced, so several calls can share one stream), else a new
+    generator on the model's device seeded with `seed` (None: fresh entropy). RNG order per frame: slow normal
+    sample, slow high (RAS) sample, then the 9 fast samples. Defaults are the HTTP API's (§10)."""
+    params = SamplingParams(temperature, top_p, top_k)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0 (0 = until the context is full), got {max_new_tokens!r}")
+    if generator is None:
+        generator = make_generator(model.device, seed)
+    elif seed is not None:
+        raise ValueError("pass either seed or generator, not both")
+    return generate(model, prompt_tokens, max_new_tokens, make_slow_sampler(model, params, generator),
+                    make_fast_sampler(model, params, generator), return_trace=return_trace,
+                    ras_window=spec.RAS_WINDOW)
