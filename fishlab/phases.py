@@ -80,22 +80,35 @@ def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise PhaseError(f"{path}: not valid YAML ({e})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise PhaseError(f"{path}: invalid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    except UnicodeDecodeError as e:
+        raise PhaseError(f"{path}: not UTF-8 text ({e.reason})") from None
     return data if isinstance(data, dict) else {}
+
+
+def phase_files(params_dir: str | Path | None = None) -> dict[str, tuple[Path, dict]]:
+    """{phase name: (file, its keys)} for every *.yaml / *.yml in params_dir with a top-level `phase` key,
+    each validated as a Phase; sorted by name. A phase defined twice is an error."""
+    d = Path(params_dir) if params_dir else default_params_dir()
+    if not d.is_dir():
+        raise PhaseError(f"{d}: params directory not found")
+    found: dict[str, tuple[Path, dict]] = {}
+    for p in sorted([*d.glob("*.yaml"), *d.glob("*.yml")]):
+        data = _read_yaml(p)
+        if "phase" not in data:
+            continue
+        name = Phase.from_dict(data, str(p)).name
+        if name in found:
+            raise PhaseError(f"phase {name!r} is defined twice: {found[name][0]} and {p}")
+        found[name] = (p, data)
+    return dict(sorted(found.items()))
 
 
 def load_phases(params_dir: str | Path | None = None) -> list[Phase]:
     """Every phase defined in params_dir, sorted by name."""
-    d = Path(params_dir) if params_dir else default_params_dir()
-    if not d.is_dir():
-        raise PhaseError(f"{d}: params directory not found")
-    phases = [Phase.from_dict(data, str(p)) for p in sorted(d.glob("*.yaml"))
-              if "phase" in (data := _read_yaml(p))]
-    names = [p.name for p in phases]
-    dup = {n for n in names if names.count(n) > 1}
-    if dup:
-        raise PhaseError(f"{d}: phase(s) defined in more than one file: {', '.join(sorted(dup))}")
-    return sorted(phases, key=lambda p: p.name)
+    return [Phase.from_dict(data, str(p)) for p, data in phase_files(params_dir).values()]
 
 
 def load_phase(name_or_path: str | Path, params_dir: str | Path | None = None) -> Phase:

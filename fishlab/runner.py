@@ -70,7 +70,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .io import atomic_path
+from .io import write_json_atomic, write_text_atomic
+from .phases import PhaseError, phase_files
 
 __all__ = [
     "RunnerError", "Report", "RunPlan", "ReportResult", "RunResult",
@@ -174,32 +175,20 @@ def _check_params(mapping: dict, where: str) -> None:
 
 
 def discover_phases(params_dir: str | Path) -> dict[str, tuple[Path, dict]]:
-    """Phase files in `params_dir`: every *.yaml / *.yml whose top level is a mapping with a `phase` key.
-    Returns {phase name: (path, keys)} sorted by phase name."""
-    params_dir = Path(params_dir)
-    found: dict[str, tuple[Path, dict]] = {}
-    paths = sorted([*params_dir.glob("*.yaml"), *params_dir.glob("*.yml")])
-    for p in paths:
-        try:
-            data = load_yaml(p)
-        except RunnerError as e:
-            raise RunnerError(f"{e} (read while looking for phase files)") from None
-        if not isinstance(data, dict) or "phase" not in data:
-            continue
+    """Phase files in `params_dir` (fishlab.phases.phase_files: every YAML with a top-level `phase` key,
+    validated as a Phase), checked as papermill parameters. Returns {phase name: (path, keys)} sorted by name."""
+    try:
+        files = phase_files(params_dir)
+    except PhaseError as e:
+        raise RunnerError(f"{e} (read while looking for phase files)") from None
+    for name, (p, data) in files.items():
         if "run" in data:
             raise RunnerError(f"{p}: a file has either a 'phase' key (phase file) or a 'run' key (run file), "
                               f"not both")
-        phase = data["phase"]
-        if phase is None or isinstance(phase, (dict, list)) or str(phase) == "":
-            raise RunnerError(f"{p}: 'phase' must be a non-empty name, got {phase!r}")
-        name = str(phase)
         if not _NAME_RE.match(name):
             raise RunnerError(f"{p}: phase name {name!r} may only use letters, digits, '.', '_' and '-'")
         _check_params(data, str(p))
-        if name in found:
-            raise RunnerError(f"phase {name!r} is defined twice: {found[name][0]} and {p}")
-        found[name] = (p, data)
-    return dict(sorted(found.items()))
+    return files
 
 
 def plan_run(params_file: str | Path, run_name: str | None = None, notebooks_dir: str | Path = "notebooks",
@@ -378,24 +367,6 @@ class RunResult:
             "reports": [r.to_dict() for r in self.reports],
             "other_files": self.other_files,
         }
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """fishlab.io.write_text_atomic, but with the usual 0666 & ~umask mode (mkstemp makes 0600 files, which a
-    web server or a colleague could not read)."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(text.encode("utf-8"))
-        os.chmod(tmp, 0o666 & ~_umask())
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def _now() -> str:

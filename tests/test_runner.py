@@ -55,6 +55,8 @@ def project(tmp_path):
         phase: "2a"
         method: int
         bits: 2
+        group_size: 64
+        target: all
         scale_dtype: float16
         description: two-bit
     """)
@@ -162,7 +164,7 @@ def test_plan_errors_missing_file_unknown_only_duplicate_phase(project):
         plan_run(project / "params" / "default.yaml", notebooks_dir=project / "notebooks", only=["zz"])
     with pytest.raises(RunnerError, match="phase file"):
         plan_run(project / "params" / "1b.yaml", notebooks_dir=project / "notebooks")
-    write(project / "params" / "1b_copy.yaml", 'phase: "1b"\nbits: 4\n')
+    write(project / "params" / "1b_copy.yaml", 'phase: "1b"\nmethod: int\nbits: 4\ntarget: all\n')
     with pytest.raises(RunnerError, match="defined twice"):
         plan_run(project / "params" / "default.yaml", notebooks_dir=project / "notebooks")
 

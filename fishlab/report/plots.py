@@ -2,6 +2,8 @@
 nothing here computes results."""
 from __future__ import annotations
 
+import math
+
 import matplotlib.pyplot as plt
 
 COMPONENT_COLORS = {"slow_ar": "#1f77b4", "fast_ar": "#ff7f0e", "embeddings": "#2ca02c", "norms": "#9467bd",
@@ -76,5 +78,105 @@ def traffic(traffic_per_frame: dict[str, dict], frames_per_second: float,
     ax2.set_ylabel("GB/s needed for real time")
     ax.set_title(title)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+PROJ_ORDER = ("wqkv", "wo", "w1", "w3", "w2", "output")
+
+
+def layer_errors(rows: list[dict], metric: str = "rel_fro", title: str | None = None) -> plt.Figure:
+    """One line per projection: the metric against the layer index, slow and fast AR side by side."""
+    comps = [c for c in ("slow_ar", "fast_ar") if any(r["component"] == c for r in rows)]
+    fig, axes = plt.subplots(1, len(comps), figsize=(11, 3.6), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 1][:len(comps)]})
+    for ax, comp in zip(axes[0], comps):
+        for proj in PROJ_ORDER:
+            pts = sorted((r["layer"] if r["layer"] is not None else -1, r[metric]) for r in rows
+                         if r["component"] == comp and r["projection"] == proj)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=proj)
+        ax.set_title(f"{comp}")
+        ax.set_xlabel("layer (-1 = fast output head)" if comp == "fast_ar" else "layer")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, ncol=3)
+    fig.suptitle(title or f"{metric} per layer and projection")
+    fig.tight_layout()
+    return fig
+
+
+def error_histograms(metrics: dict[str, dict], names: list[str], cols: int = 6,
+                     title: str = "Reconstruction error histograms") -> plt.Figure:
+    """Small multiples: the stored error histogram of each named tensor (x in units of its own max error)."""
+    rows_n = max(1, math.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows_n, cols, figsize=(2.1 * cols, 1.6 * rows_n), squeeze=False, sharex=True)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names):
+        h = metrics[name]["hist"]
+        n = len(h["counts"])
+        xs = [-1 + (2 * i + 1) / n for i in range(n)]
+        ax.set_visible(True)
+        ax.bar(xs, h["counts"], width=2 / n, color="#4c72b0")
+        ax.set_yscale("log")
+        short = name.replace("text_model.model.", "").replace("audio_decoder.", "fast.").replace(".weight", "")
+        ax.set_title(f"{short}\nmax {h['range']:.2g}", fontsize=6)
+        ax.tick_params(labelsize=6)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def heatmap(rows: list[dict], metric: str = "rel_fro", component: str = "slow_ar",
+            title: str | None = None, vmax: float | None = None) -> plt.Figure:
+    """Layer x projection grid of one metric."""
+    rows = [r for r in rows if r["component"] == component and r["layer"] is not None]
+    layers = sorted({r["layer"] for r in rows})
+    projs = [p for p in PROJ_ORDER if any(r["projection"] == p for r in rows)]
+    grid = [[float("nan")] * len(layers) for _ in projs]
+    for r in rows:
+        grid[projs.index(r["projection"])][layers.index(r["layer"])] = r[metric]
+    fig, ax = plt.subplots(figsize=(max(4, 0.3 * len(layers) + 2), 0.45 * len(projs) + 1.4))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
+    ax.set_yticks(range(len(projs)), projs)
+    ax.set_xticks(range(len(layers)), layers, fontsize=7)
+    ax.set_xlabel("layer")
+    fig.colorbar(im, ax=ax, label=metric)
+    ax.set_title(title or f"{metric}: {component} layer x projection")
+    fig.tight_layout()
+    return fig
+
+
+def weight_scatter(pairs: dict[str, dict], title: str = "Weight vs reconstruction") -> plt.Figure:
+    fig, axes = plt.subplots(1, len(pairs), figsize=(3.4 * len(pairs), 3.2), squeeze=False)
+    for ax, (name, p) in zip(axes[0], pairs.items()):
+        ax.scatter(p["w"], p["w_hat"], s=2, alpha=0.4)
+        lo, hi = min(p["w"]), max(p["w"])
+        ax.plot([lo, hi], [lo, hi], color="red", lw=0.8)
+        ax.set_title(name, fontsize=7)
+        ax.set_xlabel("original")
+        ax.set_ylabel("reconstructed")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def pareto(points: list[tuple[float, float]], labels: list[str], front: list[int], xlabel: str, ylabel: str,
+           title: str, logy: bool = False) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.scatter([p[0] for p in points], [p[1] for p in points], color="#4c72b0", zorder=3)
+    for (x, y), lab in zip(points, labels):
+        ax.annotate(lab, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if front:
+        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="#d62728", lw=1,
+                label="Pareto front")
+        ax.legend(fontsize=8)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
