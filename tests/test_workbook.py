@@ -1,0 +1,78 @@
+"""The default workbook end to end, as the README's first command runs it: every notebook through the runner on
+CPU, into a fresh renders folder, with the demo checkpoint built from scratch."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from fishlab.config import preset
+from fishlab.manifest import linear_targets
+from fishlab.runner import run
+
+
+@pytest.fixture(scope="module")
+def default_run(repo, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    cache = tmp_path_factory.mktemp("cache")
+    mp.setenv("FISHLAB_CACHE", str(cache))          # the demo checkpoint is built by the run itself
+    renders = tmp_path_factory.mktemp("renders")
+    try:
+        result = run(repo / "params" / "default.yaml", notebooks_dir=repo / "notebooks", renders_dir=renders)
+    finally:
+        mp.undo()
+    return result, renders / "default", cache
+
+
+def test_every_report_renders(default_run):
+    result, run_dir, cache = default_run
+    assert result.ok, [(r.name, r.status, r.reason) for r in result.reports if not r.ok]
+    names = [r.name for r in result.reports]
+    assert names == ["00_architecture"] + [f"10_phase-{p}" for p in ("1a", "1b", "2a", "2b", "2c", "3a", "3b")] + \
+        ["20_layer_errors", "90_summary"]
+    index = (run_dir / "index.html").read_text()
+    for n in names:
+        assert f"{n}.html" in index and (run_dir / f"{n}.html").exists() and (run_dir / f"{n}.ipynb").exists()
+    assert any(cache.iterdir()), "the demo checkpoint was built in FISHLAB_CACHE"
+
+
+def test_reports_are_self_contained(default_run):
+    _, run_dir, _ = default_run
+    for page in run_dir.glob("*.html"):
+        text = page.read_text()
+        assert not re.search(r"<script[^>]+src=[\"']?https?://", text), page.name
+        assert not re.search(r"<link[^>]+href=[\"']?https?://", text), page.name
+    arch = (run_dir / "00_architecture.html").read_text()
+    assert arch.count("<table") >= 5 and arch.count("data:image/png;base64") >= 4
+    assert "4,561,852,416" in arch and "391,430,530" in arch
+    phase = (run_dir / "10_phase-3b.html").read_text()
+    assert "SYNTHETIC" in phase and "data:image/png;base64" in phase
+    assert "def " not in phase and "import " not in phase       # code hidden by default
+
+
+def test_side_files_carry_the_numbers(default_run):
+    _, run_dir, _ = default_run
+    sa = json.loads((run_dir / "size_analysis.json").read_text())
+    assert sa["model"] == "s2-pro" and sa["params"] == {"transformer": 4_561_852_416, "codec": 391_430_530}
+    assert sa["estimates"][0]["transformer_bytes"] == 2 * 4_561_852_416
+    res = json.loads((run_dir / "all_results.json").read_text())
+    assert sorted(res["phases"]) == ["1a", "1b", "2a", "2b", "2c", "3a", "3b"] and res["synthetic"]
+    for name, p in res["phases"].items():
+        assert abs(p["sizes"]["measured_vs_predicted_pct"]) < 1.0, name
+        assert p["errors"]["tensors"] == len(linear_targets(preset("demo").transformer, p["phase"]["target"]))
+    err = {k: v["errors"]["rel_fro_mean"] for k, v in res["phases"].items()}
+    assert err["2b"] < err["1b"] < err["2c"] < err["3a"]       # coarser schemes, larger weight error
+    assert res["pareto_size_vs_weight_error"]
+
+
+def test_a_notebook_runs_with_plain_papermill(repo, tmp_path, monkeypatch):
+    monkeypatch.setenv("FISHLAB_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out.ipynb"
+    proc = subprocess.run([sys.executable, "-m", "papermill", str(repo / "notebooks" / "10_phase.ipynb"), str(out),
+                           "-f", str(repo / "params" / "2a.yaml"), "-p", "output_dir", str(tmp_path),
+                           "-p", "report_name", "p2a", "--no-progress-bar"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    side = json.loads((tmp_path / "p2a.metrics.json").read_text())
+    assert side["phase"]["name"] == "2a" and side["phase"]["target"] == "all"
