@@ -21,7 +21,7 @@ def test_environment_yml_installs_the_package_with_existing_extras(repo):
     assert {d for d in deps if isinstance(d, str)} == {"python=3.11", "pip"}
 
 
-def test_pyproject_keeps_torch_a_range_and_the_makefile_pins_the_cpu_wheel(repo):
+def test_pyproject_keeps_torch_a_range_and_the_setup_script_pins_the_cpu_wheel(repo):
     py = tomllib.loads((repo / "pyproject.toml").read_text())
     deps = py["project"]["dependencies"]
     torch_req = next(d for d in deps if d.startswith("torch"))
@@ -32,6 +32,8 @@ def test_pyproject_keeps_torch_a_range_and_the_makefile_pins_the_cpu_wheel(repo)
     assert not {"torchaudio", "scrapbook"} & names
     notebooks = {re.split(r"[<>=!~ ]", d)[0].lower() for d in py["project"]["optional-dependencies"]["notebooks"]}
     assert {"jupyterlab", "ipywidgets"} <= notebooks
-    make = (repo / "Makefile").read_text()
-    assert "TORCH_PIN ?= torch==2.13.0" in make and '-e ".[notebooks,dev]"' in make
-    assert (repo / ".ci" / "run").read_text().strip().endswith("make test")
+    dev = (repo / "dev.py").read_text()
+    assert '"FISHLAB_TORCH", "torch==2.13.0"' in dev and 'EXTRAS = "notebooks,dev"' in dev
+    assert (repo / ".ci" / "run").read_text().strip().endswith("python3 dev.py test")
+    readme = (repo / "README.md").read_text()
+    assert "python3 dev.py workbook" in readme and "python3 dev.py test" in readme
