@@ -221,9 +221,9 @@ def sample(logits: Tensor, temperature: float | Tensor, top_p: float | Tensor, t
     logits' device (the reference returns int32; the value is the same).
 
     One guard the reference lacks: with bf16 noise u == 0 happens (about 1 element in 500 with torch 2.13 on
-    the CPU) and gives probs / inf = 0; if that hits every kept token, a plain argmax would return index 0 even though it was
-    removed. Removed positions therefore compare as -1, so the pick is always a kept token (identical to the
-    reference whenever the reference picks a kept token).
+    the CPU) and gives probs / inf = 0; if that hits every kept token, a plain argmax would return index 0 even
+    though it was removed. Removed positions therefore compare as -1, so the pick is always a kept token
+    (identical to the reference whenever the reference picks a kept token).
     """
     if logits.dim() != 1:
         raise ValueError(f"sample expects a 1-D logit vector, got shape {tuple(logits.shape)}")

@@ -105,7 +105,8 @@ def test_multi_speaker_batches_use_iterative_prompting(stack):
     # batch 1's prompt = system + user(batch 0) + assistant(codes of batch 0) + user(batch 1) + prefix
     added = (len(tok.encode("<|im_start|>user\n")) + len(tok.encode(b0["text"])) + 2 * len(tok.encode("<|im_end|>\n"))
              + len(tok.encode("<|im_start|>assistant\n<|voice|>")) + b0["codes"])
-    assert b1["prompt_columns"] == b0["prompt_columns"] - len(tok.encode(b0["text"])) + len(tok.encode(b1["text"])) + added
+    n0, n1 = len(tok.encode(b0["text"])), len(tok.encode(b1["text"]))
+    assert b1["prompt_columns"] == b0["prompt_columns"] - n0 + n1 + added
     assert codes.shape[1] == b0["codes"] + b1["codes"]
 
 
