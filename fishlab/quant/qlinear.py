@@ -153,6 +153,7 @@ class QuantizedLinear(nn.Module):
         self.name = qt.name
         self.use_kernels = use_kernels
         self.layout = LAYOUT_GENERIC
+        self._int4_sz: torch.Tensor | None = None   # the int4 op's scales_and_zeros for the last activation dtype
         qdata = qt.qdata
         if (
             use_kernels
@@ -227,8 +228,10 @@ class QuantizedLinear(nn.Module):
         return dequantize(self._q(), self.scale, self.scheme.group_size, dtype)
 
     def nbytes(self) -> int:
-        """Bytes held by this module's buffers (packed weight + scales + bias)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes held by this module: packed weight + scales + bias, plus the int4 kernel's cached
+        scales_and_zeros when it has been built."""
+        sz = 0 if self._int4_sz is None else self._int4_sz.numel() * self._int4_sz.element_size()
+        return sum(b.numel() * b.element_size() for b in self.buffers()) + sz
 
     def route(self, x: torch.Tensor) -> str:
         """Which forward path ``x`` would take: ``int8_mm``, ``int4_mm`` or ``dequant``."""
@@ -262,8 +265,10 @@ class QuantizedLinear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(x2, w, self.scale.reshape(N).to(x.dtype))
         else:  # int4_mm
             g = self.scheme.group_size
-            s = self.scale.to(x.dtype).t()  # [K/g, N]
-            sz = torch.stack([s, torch.zeros_like(s)], dim=-1).contiguous()
+            sz = self._int4_sz
+            if sz is None or sz.dtype != x.dtype:   # built once per activation dtype, not per forward
+                s = self.scale.to(x.dtype).t()  # [K/g, N]
+                sz = self._int4_sz = torch.stack([s, torch.zeros_like(s)], dim=-1).contiguous()
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qdata, g, sz)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -275,6 +280,7 @@ class QuantizedLinear(nn.Module):
         scale = self.scale
         super()._apply(fn, recurse)
         self.scale = scale.to(self.qdata.device)
+        self._int4_sz = None
         return self
 
     def extra_repr(self) -> str:
