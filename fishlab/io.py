@@ -62,12 +62,17 @@ def _json_default(o: Any):
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Build a directory under a hidden temp name beside `path` and rename it into place when the block
-    succeeds. An existing `path` is refused unless overwrite=True (then it is replaced only at the end)."""
+    succeeds. An existing `path` is refused unless overwrite=True (then it is replaced only at the end).
+
+    The temp name is `.<name>.partial-<pid>-<random>`. A run killed hard (SIGKILL, power loss) cannot delete
+    it, so on start the partial dirs of the same target whose process is gone are removed (and a leftover
+    `.<name>.old` when `path` itself is there)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="." + path.name + ".partial-", dir=path.parent))
+    remove_stale_partials(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-{os.getpid()}-", dir=path.parent))
     try:
         yield tmp
         if path.exists():
@@ -81,3 +86,38 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_partials(path: str | Path) -> list[Path]:
+    """Delete `.<name>.partial-*` dirs beside `path` left by runs that are no longer alive (a name without a
+    live process id counts as stale); returns what was removed."""
+    path = Path(path)
+    prefix = f".{path.name}.partial-"
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for p in path.parent.iterdir():
+        if not p.name.startswith(prefix) or not p.is_dir() or p.is_symlink():
+            continue
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    old = path.with_name("." + path.name + ".old")
+    if path.exists() and old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+        removed.append(old)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:      # alive, someone else's
+        return True
+    return True

@@ -10,33 +10,43 @@ tokenizer and codec files copied, plus `quantization.json` (format version, phas
 measured and predicted sizes) and `quantization_metrics.json` (per-tensor weight error). Quantized weights
 `X.weight` become `X.weight.qdata` + `X.weight.scale` (docs/packed-format.md); their descriptions are also in
 every shard's safetensors metadata under "quantization".
+
+Memory and speed (measured at full S2 Pro size in benchmarks/README.md): tensors are read with plain file reads
+into a fresh tensor (no mmap, so no file pages are counted in the process RSS), and quantized and measured in
+row chunks of about `CHUNK_ELEMS` values, so float32 temporaries stay a few MB whatever the tensor size. Scales
+are per row (or per group of a row), so quantizing a block of whole rows gives exactly the rows of the whole
+tensor's result; blocks are a multiple of the packing unit, so their packed streams concatenate.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 
 from .. import spec
 from ..checkpoint import (CheckpointError, OutTensor, TensorInfo, compare_to_manifest, iter_tensors,
-                          read_headers, transformer_files, tree_bytes, validate_transformer, write_sharded)
+                          read_headers, torch_dtype, transformer_files, tree_bytes, validate_transformer,
+                          write_sharded)
 from ..config import ModelConfig, load_config
-from ..io import atomic_dir, write_json_atomic
+from ..io import atomic_dir, remove_stale_partials, write_json_atomic
 from ..manifest import TensorSpec, linear_targets, transformer_manifest
 from ..metrics import summarize, weight_error
 from ..phases import Phase
 from ..sizes import phase_estimate
-from .pack import packed_nbytes
-from .primitives import (FORMAT_VERSION, QTensor, Scheme, dequantize_tensor, describe, from_description,
-                         quantize_tensor)
+from .pack import packed_nbytes, values_per_unit
+from .primitives import (FORMAT_VERSION, NonFiniteWeightError, QTensor, QuantError, Scheme, choose_qparams,
+                         dequantize_tensor, describe, from_description, quantize_tensor)
 
 METRICS_FILE = "quantization_metrics.json"
 METADATA_KEY = "quantization"
 _WEIGHT_FILES = (spec.INDEX_FILE, spec.SINGLE_FILE)
+CHUNK_ELEMS = 1 << 20       # values per row block when quantizing / measuring (4 MB of float32)
 
 
 class QuantizeError(RuntimeError):
@@ -55,6 +65,110 @@ def _is_weight_file(p: Path) -> bool:
     return p.name in _WEIGHT_FILES or (p.name.startswith("model-") and p.suffix == ".safetensors")
 
 
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """One tensor's bytes read with plain file reads into a new tensor (no mmap: nothing but the tensor itself
+    is resident afterwards)."""
+    t = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+    if info.nbytes == 0:
+        return t
+    buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    with open(info.file, "rb", buffering=0) as f:
+        f.seek(info.start)
+        done = 0
+        while done < info.nbytes:
+            n = f.readinto(buf[done:])
+            if not n:
+                raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name}")
+            done += n
+    return t
+
+
+class _ErrorAccumulator:
+    """metrics.weight_error of a tensor, computed block by block (float64 sums over blocks of at most
+    CHUNK_ELEMS values; agrees with weight_error to rounding of the summation order)."""
+
+    def __init__(self, numel: int):
+        self.err = torch.empty(numel, dtype=torch.float32)      # kept for the histogram's second pass
+        self.pos = 0
+        self.ss_w = self.ss_e = self.dot = self.ss_h = self.abs_e = 0.0
+        self.max_abs = 0.0
+        self.n_nz = self.n_zeroed = 0
+
+    def add(self, w: torch.Tensor, w_hat: torch.Tensor) -> None:
+        w = w.reshape(-1).float()
+        w_hat = w_hat.reshape(-1).float()
+        n = w.numel()
+        e = self.err[self.pos:self.pos + n]
+        self.pos += n
+        torch.sub(w_hat, w, out=e)                      # the error in float32, as weight_error has it
+        w64, h64, e64 = w.double(), w_hat.double(), e.double()
+        self.ss_w += float(torch.dot(w64, w64))
+        self.ss_e += float(torch.dot(e64, e64))
+        self.dot += float(torch.dot(w64, h64))
+        self.ss_h += float(torch.dot(h64, h64))
+        if n:
+            a = e64.abs_()
+            self.abs_e += float(a.sum())
+            self.max_abs = max(self.max_abs, float(a.max()))
+        w_zero = int(torch.count_nonzero(w == 0))
+        self.n_nz += n - w_zero
+        self.n_zeroed += int(torch.count_nonzero(w_hat == 0)) - w_zero     # 0 always reconstructs to 0
+
+    def result(self, scale: torch.Tensor) -> dict:
+        from ..metrics import HIST_BINS
+        n = self.err.numel()
+        ss_w, ss_e, ss_h = self.ss_w, self.ss_e, self.ss_h
+        r = self.max_abs if self.max_abs > 0 else 1.0
+        hist = torch.zeros(HIST_BINS, dtype=torch.float64)
+        for i in range(0, n, CHUNK_ELEMS):
+            hist += torch.histc(self.err[i:i + CHUNK_ELEMS], bins=HIST_BINS, min=-r, max=r).double()
+        s = scale.detach().float().reshape(-1)
+        return {
+            "numel": n,
+            "rel_fro": math.sqrt(ss_e / ss_w) if ss_w > 0 else 0.0,
+            "snr_db": 10 * math.log10(ss_w / ss_e) if ss_e > 0 and ss_w > 0 else math.inf,
+            "cosine": self.dot / math.sqrt(ss_w * ss_h) if ss_w > 0 and ss_h > 0 else (1.0 if ss_w == ss_h else 0.0),
+            "max_abs": self.max_abs,
+            "mean_abs": self.abs_e / n if n else 0.0,
+            "zero_fraction": self.n_zeroed / self.n_nz if self.n_nz else 0.0,
+            "weight_rms": math.sqrt(ss_w / max(1, n)),
+            "hist": {"range": r, "counts": [int(c) for c in hist.tolist()]},
+            "scale": {"min": float(s.min()), "max": float(s.max()), "mean": float(s.mean()),
+                      "zero_groups": int((s == 0).sum()), "n": s.numel()},
+        }
+
+
+def quantize_blocked(name: str, w: torch.Tensor, scheme: Scheme, with_metrics: bool = False,
+                     chunk_elems: int = CHUNK_ELEMS) -> tuple[QTensor, dict | None]:
+    """quantize_tensor(name, w, scheme) (the identical QTensor), computed in blocks of whole rows, and when
+    asked the weight error of its reconstruction (metrics.weight_error's fields), without ever holding a
+    float32 copy of the whole tensor."""
+    if w.dim() < 2:
+        qt = quantize_tensor(name, w, scheme)
+        return qt, (weight_error(w, dequantize_tensor(qt, torch.float32), qt.scale) if with_metrics else None)
+    w2 = w.reshape(w.shape[0], -1)
+    rows, cols = w2.shape
+    vpu = values_per_unit(scheme.pack_bits)
+    step = max(vpu, (max(1, chunk_elems // max(cols, 1)) // vpu) * vpu)
+    acc = _ErrorAccumulator(rows * cols) if with_metrics else None
+    qparts, sparts = [], []
+    for r0 in range(0, rows, step):
+        block = w2[r0:r0 + step]
+        try:
+            qb = quantize_tensor(name, block, scheme)
+        except NonFiniteWeightError:
+            choose_qparams(w, scheme.pack_bits, scheme.group_size, scheme.scale_dtype, name=name)  # whole-tensor message
+            raise
+        qparts.append(qb.qdata)
+        sparts.append(qb.scale)
+        if acc is not None:
+            acc.add(block, dequantize_tensor(qb, torch.float32))
+    qdata = qparts[0] if len(qparts) == 1 else torch.cat(qparts)
+    scale = sparts[0] if len(sparts) == 1 else torch.cat(sparts)
+    qt = QTensor(qdata, scale, scheme, tuple(w.shape), w.dtype, name)
+    return qt, (acc.result(scale) if acc is not None else None)
+
+
 @dataclass
 class _Pending:
     """Quantizes a tensor when its qdata is due and hands the scale over when that is due next."""
@@ -66,10 +180,12 @@ class _Pending:
     qt: QTensor | None = None
 
     def qdata(self) -> torch.Tensor:
-        (_, w), = iter_tensors({self.info.name: self.info}, [self.info.name])
-        self.qt = quantize_tensor(self.info.name, w, self.scheme)
-        if self.with_metrics:
-            m = weight_error(w, dequantize_tensor(self.qt, torch.float32), self.qt.scale)
+        w = read_tensor(self.info)
+        try:
+            self.qt, m = quantize_blocked(self.info.name, w, self.scheme, self.with_metrics)
+        except QuantError as e:
+            raise QuantizeError(f"{e}; nothing was written") from e
+        if m is not None:
             m.update(component=self.spec_.component, projection=self.spec_.projection, layer=self.spec_.layer,
                      group=self.spec_.group, shape=list(self.spec_.shape))
             self.metrics[self.info.name] = m
@@ -82,6 +198,12 @@ class _Pending:
         return qt.scale
 
 
+def _existing_parent(p: Path) -> Path:
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
 def quantize_checkpoint(src: str | Path, out: str | Path, phase: Phase, overwrite: bool = False,
                         with_metrics: bool = True, progress: bool = False) -> dict:
     """Write `phase` applied to the checkpoint `src` into the directory `out`; returns quantization.json's
@@ -89,6 +211,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, phase: Phase, overwrit
     src, out = Path(src).resolve(), Path(out).resolve()
     if out == src or src in out.parents:
         raise QuantizeError(f"output {out} must not be the input checkpoint or inside it")
+    if out.exists() and not overwrite:
+        raise QuantizeError(f"output {out} already exists; pass overwrite=True (--overwrite) to replace it")
     cfg_t, infos = validate_transformer(src)
     if any(i.dtype not in ("bfloat16", "float16", "float32") for i in infos.values()):
         raise QuantizeError(f"{src}: not a plain float checkpoint (is it already quantized?)")
@@ -98,7 +222,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, phase: Phase, overwrit
     specs = transformer_manifest(cfg_t)
 
     predicted = predicted_bytes(cfg, phase, src, infos)
-    free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
+    remove_stale_partials(out)          # a hard-killed earlier run's hidden partial dir holds space too
+    free = shutil.disk_usage(_existing_parent(out.parent)).free
     if predicted["total"] > free:
         raise QuantizeError(f"not enough free space for {out}: need about {predicted['total'] / 1e9:.2f} GB, "
                             f"{free / 1e9:.2f} GB free")
@@ -115,8 +240,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, phase: Phase, overwrit
             plan.append(OutTensor(s.name + ".qdata", (desc["qdata_nbytes"],), "uint8", p.qdata))
             plan.append(OutTensor(s.name + ".scale", tuple(desc["scale_shape"]), scheme.scale_dtype, p.scale))
         else:
-            plan.append(OutTensor(s.name, info.shape, info.dtype,
-                                  (lambda info=info: next(iter_tensors({info.name: info}, [info.name]))[1])))
+            plan.append(OutTensor(s.name, info.shape, info.dtype, (lambda info=info: read_tensor(info))))
     qmeta = {"format_version": FORMAT_VERSION, "phase": phase.to_dict(), "scheme": scheme.to_dict(),
              "tensors": descriptions}
 
@@ -140,7 +264,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, phase: Phase, overwrit
                                                        "by_component": summarize(metrics, "component"),
                                                        "by_projection": summarize(metrics, "projection")})
     except OSError as e:
-        raise QuantizeError(f"writing {out} failed ({e.strerror or e}); nothing was left under that name") from e
+        what = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise QuantizeError(f"writing {out} failed ({what}); nothing was left under that name") from e
     finally:
         if bar:
             bar.close()
