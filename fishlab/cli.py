@@ -68,6 +68,96 @@ def _positive_float(s: str) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------
+# fishlab quantize
+# ----------------------------------------------------------------------------------------------------
+
+def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--phase", required=True, metavar="NAME|FILE",
+                   help="phase name (a params/*.yaml with that 'phase:') or the path of a phase YAML file")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="plain (bf16) checkpoint directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created; must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once the new one is complete)")
+    p.add_argument("--no-metrics", action="store_true", help="skip the per-tensor weight-error metrics (faster)")
+    p.add_argument("--params-dir", metavar="DIR", help="where phase names are looked up (default: params/ of the repo)")
+
+
+def _user_errors():
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .phases import PhaseError
+    from .quant.apply import QuantizeError
+    return (CheckpointError, ConfigError, PhaseError, QuantizeError, FileExistsError, FileNotFoundError)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .phases import load_phase
+    from .quant.apply import quantize_checkpoint
+
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_dir():
+        raise UserError(f"checkpoint not found: {ckpt}")
+    try:
+        phase = load_phase(args.phase, args.params_dir)
+        r = quantize_checkpoint(ckpt, args.out, phase, overwrite=args.overwrite, with_metrics=not args.no_metrics,
+                                progress=sys.stderr.isatty())
+    except _user_errors() as e:
+        raise UserError(str(e)) from None
+    measured, predicted = r["measured_bytes"], r["predicted"]["total"]
+    line = (f"phase {phase.label}: quantized {len(r['tensors'])} tensors of {ckpt} into {args.out}; "
+            f"{measured / 1e9:.3f} GB on disk vs {predicted / 1e9:.3f} GB predicted "
+            f"({100 * (measured / predicted - 1):+.2f}%), {r['seconds']:.1f} s")
+    m = r.get("metrics") or {}
+    if m:
+        worst = max(m, key=lambda k: m[k]["rel_fro"])
+        line += (f"; mean rel. error {sum(v['rel_fro'] for v in m.values()) / len(m):.4f}, "
+                 f"worst {worst} ({m[worst]['rel_fro']:.4f})")
+    print(line + ".")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# fishlab sizes
+# ----------------------------------------------------------------------------------------------------
+
+def add_sizes_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--checkpoint", metavar="DIR", help="read the config of this checkpoint directory")
+    g.add_argument("--preset", metavar="NAME", help="a built-in config: s2-pro (default) or demo")
+    p.add_argument("--scale-dtype", choices=("float32", "bfloat16", "float16"),
+                   help="override every phase's scale dtype")
+    p.add_argument("--json", metavar="FILE", help="also write the whole analysis as JSON")
+    p.add_argument("--params-dir", metavar="DIR", help="where the phases are read (default: params/ of the repo)")
+
+
+def cmd_sizes(args: argparse.Namespace) -> int:
+    from .config import load_config, preset
+    from .io import write_json_atomic
+    from .phases import load_phases
+    from .sizes import size_analysis
+
+    try:
+        if args.checkpoint is not None:
+            if not Path(args.checkpoint).is_dir():
+                raise UserError(f"checkpoint not found: {args.checkpoint}")
+            cfg = load_config(Path(args.checkpoint))
+        else:
+            cfg = preset(args.preset or "s2-pro")
+        a = size_analysis(cfg, load_phases(args.params_dir), args.scale_dtype)
+    except _user_errors() as e:
+        raise UserError(str(e)) from None
+    print(f"{a['model']}: {a['params']['transformer'] / 1e9:.3f} B transformer params, "
+          f"{a['params']['codec'] / 1e6:.1f} M codec params; sizes in GB (1e9 bytes)")
+    print(f"{'':8} {'layout':44} {'transformer':>11} {'total':>8} {'vs bf16':>7}")
+    for r in a["estimates"]:
+        print(f"{r['kind']:8} {r['label']:44} {r['transformer_bytes'] / 1e9:11.3f} {r['total_bytes'] / 1e9:8.3f} "
+              f"{r.get('compression_vs_bf16', 1.0):6.2f}x")
+    if args.json:
+        write_json_atomic(args.json, a)
+        print(f"wrote {args.json}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
 # Registry and entry point
 # ----------------------------------------------------------------------------------------------------
 
@@ -75,10 +165,14 @@ Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Na
 
 COMMANDS: dict[str, Command] = {
     "run": (add_run_arguments, cmd_run),
+    "quantize": (add_quantize_arguments, cmd_quantize),
+    "sizes": (add_sizes_arguments, cmd_sizes),
 }
 
 HELP = {
     "run": "execute the workbook notebooks of a params file and render HTML reports",
+    "quantize": "apply one phase to a checkpoint: a packed, loadable quantized checkpoint directory",
+    "sizes": "the size table: every phase and GGUF type, from a config (no weights read)",
 }
 
 
