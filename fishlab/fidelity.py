@@ -1,0 +1,363 @@
+"""Output fidelity of a quantized model against the base model: llama.cpp-style KL divergence, deterministic.
+
+The question "how far is the quantized model from the base?" is answered on ONE fixed token matrix: a prompt
+followed by frames the BASE model generated (`reference_tokens`). Both models are run on exactly that matrix
+(teacher forcing: neither model's own choices ever change what the other sees), so the numbers are
+deterministic and comparable across phases, like llama.cpp's `--kl-divergence` over a fixed text.
+
+What is compared, for every slow position t >= prompt_len - 1 whose next column t+1 is a generated frame:
+
+- slow AR: the next-token distribution the sampler actually draws from, i.e. softmax over the ALLOWED ids only
+  (semantic ids + <|im_end|>, spec §8.1: every other logit gets -inf), renormalised over those ids.
+  Per position: KL(base || other) in nats, and whether the two argmaxes agree (top-1 agreement).
+- fast AR: teacher-forced logits for the codes of frame t+1, over the full codebook_size distribution (the fast
+  logits are not biased, §8.1), for codebooks i = 1..C-1. Step 0's logits (from the hidden state alone) are
+  discarded at inference and codebook 0 is the slow token, so both are excluded. Frames whose token is
+  <|im_end|> are excluded too: their codes are discarded at inference (§8.4).
+  **Each model feeds its fast AR with its OWN slow hidden state at t** (the quantized model never sees the
+  base's hidden state). The fast numbers therefore measure the whole stack, slow errors included, as
+  llama.cpp's KL measures the whole network; `kl_by_layer_group` separates the contributions.
+
+All probability math is done in float64 on logits upcast from the model dtype (bf16 / fp32 models alike);
+per-position KLs are clamped at 0 (rounding can only make a true 0 a -1e-17). A model compared with itself
+gives exactly KL 0 and agreement 1.0 (identical logits give identical log-probabilities, and every term is 0).
+Percentiles are linear interpolation between order statistics (numpy's default).
+
+API:
+- `reference_tokens(base, prompt, max_new_tokens, seed=0)` -> (tokens [C+1, P+N], P): the fixed matrix.
+- `teacher_forced_kl(base, other, tokens, prompt_len)` -> dict of plain floats and per-codebook lists.
+- `fidelity_report(base, other, tokens, prompt_len)` -> the dict a phase report / JSON holds.
+- `kl_by_layer_group(base, quantized, tokens, prompt_len, groups=4)` -> "which layers hurt": one row per group
+  of quantized linears, from a hybrid = base with only that group's linears taken from the quantized model.
+- `restricted_log_softmax`, `kl_rows`, `percentile`: the small pieces, exposed for tests.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .model.dualar import DualARTransformer, linear_names, replace_linears
+
+__all__ = ["allowed_ids", "restricted_log_softmax", "kl_rows", "percentile", "reference_tokens",
+           "ModelOutputs", "model_outputs", "compare_outputs", "teacher_forced_kl", "fidelity_report",
+           "default_layer_groups", "quantized_linear_names", "swapped_linears", "kl_by_layer_group",
+           "METHOD_NOTE"]
+
+METHOD_NOTE = ("Teacher-forced on prompt + base-generated frames; slow: KL(base||quantized) of the softmax "
+               "restricted to semantic ids + <|im_end|>; fast: codebooks 1..C-1 over the full codebook, each "
+               "model using its own slow hidden state (whole-stack error, as llama.cpp's KL); nats.")
+MATH_DTYPE = torch.float64
+
+
+# ----------------------------------------------------------------------------------------------------
+# small pieces
+# ----------------------------------------------------------------------------------------------------
+
+def allowed_ids(model_or_cfg) -> Tensor:
+    """The ids the slow sampler can emit (§8.1): semantic_begin..semantic_end (inclusive), then <|im_end|>."""
+    cfg = getattr(model_or_cfg, "cfg", model_or_cfg)
+    ids = list(range(cfg.semantic_begin_id, cfg.semantic_end_id + 1))
+    if not cfg.semantic_begin_id <= cfg.eos_token_id <= cfg.semantic_end_id:
+        ids.append(cfg.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def restricted_log_softmax(logits: Tensor, allowed: Tensor) -> Tensor:
+    """log-probabilities over the allowed ids only: log_softmax(logits[..., allowed]) in float64, i.e. the
+    distribution of softmax(logits + bias) with bias = 0 at allowed ids and -inf elsewhere, renormalised over
+    the allowed ids. Returns [..., len(allowed)] in allowed's order."""
+    return F.log_softmax(logits.index_select(-1, allowed.to(logits.device)).to(MATH_DTYPE), dim=-1)
+
+
+def kl_rows(logp: Tensor, logq: Tensor) -> Tensor:
+    """KL(p || q) = sum_j p_j (log p_j - log q_j) over the last dim, from log-probabilities (float64).
+    Terms with p_j = 0 count 0 (also where log q_j = -inf); a p_j > 0 with q_j = 0 gives +inf. Clamped at 0
+    (only rounding can make a KL negative)."""
+    logp, logq = logp.to(MATH_DTYPE), logq.to(MATH_DTYPE)
+    p = logp.exp()
+    terms = torch.where(p > 0, p * (logp - logq), torch.zeros((), dtype=MATH_DTYPE, device=p.device))
+    return terms.sum(-1).clamp_min(0.0)
+
+
+def percentile(x: Tensor, q: float) -> float:
+    """The q-th percentile (0..100) of the values of x, linear interpolation between order statistics (numpy's
+    default 'linear' method); nan for an empty tensor. No size limit (unlike torch.quantile)."""
+    v = x.reshape(-1).to(MATH_DTYPE)
+    n = v.numel()
+    if n == 0:
+        return math.nan
+    v = torch.sort(v).values
+    pos = (n - 1) * q / 100.0
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, n - 1)
+    frac = pos - lo
+    a, b = float(v[lo]), float(v[hi])
+    return a if frac == 0 or a == b else a + (b - a) * frac
+
+
+def _mean(x: Tensor) -> float:
+    return float(x.to(MATH_DTYPE).mean()) if x.numel() else math.nan
+
+
+# ----------------------------------------------------------------------------------------------------
+# the fixed token matrix
+# ----------------------------------------------------------------------------------------------------
+
+def reference_tokens(base: DualARTransformer, prompt: Tensor, max_new_tokens: int, seed: int | None = 0,
+                     temperature: float | None = None, top_p: float | None = None, top_k: int | None = None
+                     ) -> tuple[Tensor, int]:
+    """prompt [C+1, P] + frames the BASE model generates -> (tokens [C+1, P+N], P).
+
+    seed=None: greedy (`generate_greedy`); else `generate_sampled` with this seed and the API defaults (or the
+    given temperature / top_p / top_k). Deterministic on one device and torch version either way."""
+    from . import spec
+    from .generate import generate_greedy, generate_sampled
+    prompt = prompt.to(base.device, torch.long)
+    if seed is None:
+        frames = generate_greedy(base, prompt, max_new_tokens)
+    else:
+        frames = generate_sampled(base, prompt, max_new_tokens,
+                                  temperature=spec.API_TEMPERATURE if temperature is None else temperature,
+                                  top_p=spec.API_TOP_P if top_p is None else top_p,
+                                  top_k=spec.DEFAULT_TOP_K if top_k is None else top_k, seed=seed)
+    return torch.cat([prompt, frames.to(prompt.device)], dim=1), prompt.size(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# one model's outputs on the matrix, and the comparison of two
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelOutputs:
+    """What one model says on the matrix, already reduced to what is compared (float64 log-probabilities).
+
+    slow_logp [N, A]: restricted log-softmax at positions prompt_len-1 .. T-2 (A = allowed ids);
+    fast_logp [M, C-1, codebook]: log-softmax of the teacher-forced fast logits, codebooks 1..C-1, for the
+    M of those N positions whose next frame is semantic."""
+    slow_logp: Tensor
+    fast_logp: Tensor
+
+
+def _check_matrix(model: DualARTransformer, tokens: Tensor, prompt_len: int) -> None:
+    cfg = model.cfg
+    if tokens.dim() != 2 or tokens.size(0) != cfg.num_codebooks + 1:
+        raise ValueError(f"tokens must be [num_codebooks+1={cfg.num_codebooks + 1}, T], got {tuple(tokens.shape)}")
+    if not 1 <= prompt_len < tokens.size(1):
+        raise ValueError(f"prompt_len {prompt_len} must satisfy 1 <= prompt_len < T = {tokens.size(1)} "
+                         "(at least one generated frame after the prompt)")
+
+
+def _fast_rows(model: DualARTransformer, tokens: Tensor, prompt_len: int) -> Tensor:
+    """Indices (into the N compared positions) whose next frame is semantic: the frames whose codes count."""
+    cfg = model.cfg
+    nxt = tokens[0, prompt_len:]
+    return ((nxt >= cfg.semantic_begin_id) & (nxt <= cfg.semantic_end_id)).nonzero().reshape(-1)
+
+
+@torch.inference_mode()
+def model_outputs(model: DualARTransformer, tokens: Tensor, prompt_len: int, fast_batch: int = 256
+                  ) -> ModelOutputs:
+    """Run `model` on tokens[:, :T-1] (no KV cache, inference embedding, every position), keep positions
+    prompt_len-1 .. T-2; then the teacher-forced fast AR on its own hidden states for the semantic next frames,
+    `fast_batch` frames at a time."""
+    _check_matrix(model, tokens, prompt_len)
+    cfg = model.cfg
+    tokens = tokens.to(model.device, torch.long)
+    out = model.forward_slow(tokens[:, :-1], return_all=True)
+    sl = slice(prompt_len - 1, tokens.size(1) - 1)
+    slow_logp = restricted_log_softmax(out.logits[sl], allowed_ids(cfg))
+    rows = _fast_rows(model, tokens, prompt_len).to(model.device)
+    hidden = out.hidden[sl].index_select(0, rows)
+    codes = tokens[1:, prompt_len:].t().index_select(0, rows)             # [M, C] codes of the next frames
+    parts = []
+    for i in range(0, rows.numel(), fast_batch):
+        lg = model.fast_logits_teacher_forced(hidden[i:i + fast_batch], codes[i:i + fast_batch])
+        parts.append(F.log_softmax(lg[:, 1:].to(MATH_DTYPE), dim=-1))     # drop step 0 (discarded at inference)
+    fast_logp = torch.cat(parts) if parts else torch.empty(0, cfg.num_codebooks - 1, cfg.codebook_size,
+                                                           dtype=MATH_DTYPE, device=model.device)
+    return ModelOutputs(slow_logp.cpu(), fast_logp.cpu())
+
+
+def compare_outputs(base: ModelOutputs, other: ModelOutputs) -> dict:
+    """The KL / agreement numbers of `teacher_forced_kl` from two models' outputs (plain floats and lists)."""
+    if base.slow_logp.shape != other.slow_logp.shape or base.fast_logp.shape != other.fast_logp.shape:
+        raise ValueError("outputs were computed on different token matrices")
+    skl = kl_rows(base.slow_logp, other.slow_logp)                              # [N]
+    stop = (base.slow_logp.argmax(-1) == other.slow_logp.argmax(-1)).to(MATH_DTYPE)
+    fkl = kl_rows(base.fast_logp, other.fast_logp)                              # [M, C-1]
+    ftop = (base.fast_logp.argmax(-1) == other.fast_logp.argmax(-1)).to(MATH_DTYPE)
+    n_cb = base.fast_logp.size(1)
+    return {
+        "slow_kl_mean": _mean(skl),
+        "slow_kl_p99": percentile(skl, 99),
+        "slow_kl_max": float(skl.max()) if skl.numel() else math.nan,
+        "slow_top1": _mean(stop),
+        "slow_positions": int(skl.numel()),
+        "fast_kl_mean": _mean(fkl),
+        "fast_kl_p99": percentile(fkl, 99),
+        "fast_kl_max": float(fkl.max()) if fkl.numel() else math.nan,
+        "fast_top1": _mean(ftop),
+        "fast_frames": int(fkl.size(0)),
+        "fast_codebooks": list(range(1, n_cb + 1)),
+        "fast_kl_mean_by_codebook": [_mean(fkl[:, i]) for i in range(n_cb)],
+        "fast_kl_p99_by_codebook": [percentile(fkl[:, i], 99) for i in range(n_cb)],
+        "fast_top1_by_codebook": [_mean(ftop[:, i]) for i in range(n_cb)],
+    }
+
+
+def teacher_forced_kl(base: DualARTransformer, other: DualARTransformer, tokens: Tensor, prompt_len: int,
+                      base_out: ModelOutputs | None = None) -> dict:
+    """KL(base || other) and top-1 agreement of the slow AR (restricted to semantic ids + <|im_end|>) and the
+    fast AR (codebooks 1..C-1, full codebook, each model on its own hidden state), teacher-forced on the same
+    matrix `tokens` [C+1, T] (prompt of `prompt_len` columns, then base-generated frames). See the module
+    docstring. Keys: slow_kl_mean, slow_kl_p99, slow_kl_max, slow_top1, slow_positions, fast_kl_mean,
+    fast_kl_p99, fast_kl_max, fast_top1, fast_frames, fast_codebooks [1..C-1], fast_kl_mean_by_codebook,
+    fast_kl_p99_by_codebook, fast_top1_by_codebook (lists of length C-1).
+
+    base_out: `model_outputs(base, tokens, prompt_len)` computed once, to compare several models with one base
+    run (it must come from the same base and matrix)."""
+    if base_out is None:
+        base_out = model_outputs(base, tokens, prompt_len)
+    return compare_outputs(base_out, model_outputs(other, tokens, prompt_len))
+
+
+def fidelity_report(base: DualARTransformer, other: DualARTransformer, tokens: Tensor, prompt_len: int,
+                    base_out: ModelOutputs | None = None) -> dict:
+    """The fidelity block of a phase report / JSON: `teacher_forced_kl`'s numbers at the top level (slow_kl_mean,
+    slow_kl_p99, slow_top1, fast_kl_mean, fast_top1, ...), plus fast_per_codebook = [{codebook, kl_mean,
+    kl_p99, top1}, ...] for tables, the matrix size and the method in words. base_out: see `teacher_forced_kl`."""
+    r = teacher_forced_kl(base, other, tokens, prompt_len, base_out)
+    r["fast_per_codebook"] = [{"codebook": c, "kl_mean": m, "kl_p99": p, "top1": a} for c, m, p, a in zip(
+        r["fast_codebooks"], r["fast_kl_mean_by_codebook"], r["fast_kl_p99_by_codebook"], r["fast_top1_by_codebook"])]
+    r.update(prompt_len=int(prompt_len), generated_frames=int(tokens.size(1) - prompt_len),
+             base_dtype=str(base.dtype).replace("torch.", ""), other_dtype=str(other.dtype).replace("torch.", ""),
+             method=METHOD_NOTE)
+    return r
+
+
+# ----------------------------------------------------------------------------------------------------
+# which layers hurt
+# ----------------------------------------------------------------------------------------------------
+
+GroupSpec = Union[int, Sequence[Tuple[str, Sequence[str]]], Mapping[str, Sequence[str]]]
+
+
+def _span(lo: int, hi: int) -> str:
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+
+def default_layer_groups(cfg, n_slow_groups: int = 4) -> list[tuple[str, list[str]]]:
+    """[(group name, linear-name prefixes)]: the slow layers in `n_slow_groups` contiguous groups as even as
+    possible ("slow 0-8", "slow 9-17", ... for 36 layers; "slow 3" for a one-layer group), then "fast" (fast
+    layers + fast_project_in) and "fast_output"."""
+    n = cfg.n_layer
+    k = max(1, min(int(n_slow_groups), n))
+    groups = []
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi > lo:
+            groups.append((f"slow {_span(lo, hi - 1)}", [f"layers.{i}." for i in range(lo, hi)]))
+    groups.append(("fast", ["fast_layers.", "fast_project_in"]))
+    groups.append(("fast_output", ["fast_output"]))
+    return groups
+
+
+def _in_group(name: str, prefixes: Sequence[str]) -> bool:
+    """name is one of the prefixes, or lies under one ("layers.1." / "fast_layers" match their submodules)."""
+    return any(name == p.rstrip(".") or name.startswith(p if p.endswith(".") else p + ".") for p in prefixes)
+
+
+def quantized_linear_names(base: DualARTransformer, other: DualARTransformer) -> list[str]:
+    """Internal names of the linears where `other` differs from `base`: a module that is not an nn.Linear (a
+    packed QuantizedLinear), or an nn.Linear whose weight differs (a model built from dequantized weights)."""
+    out = []
+    for name in linear_names(base):
+        m = other.get_submodule(name)
+        if not isinstance(m, nn.Linear):
+            out.append(name)
+            continue
+        w0 = base.get_submodule(name).weight
+        if m.weight.shape != w0.shape or not torch.equal(m.weight.to(w0.dtype), w0):
+            out.append(name)
+    return out
+
+
+@contextlib.contextmanager
+def swapped_linears(model: nn.Module, donor: nn.Module, names: Sequence[str]) -> Iterator[nn.Module]:
+    """Temporarily put donor's modules at `names` into model (shared, not copied); restored on exit."""
+    saved: dict[str, nn.Module] = {}
+
+    def take(name: str, old: nn.Module) -> nn.Module:
+        saved[name] = old
+        return donor.get_submodule(name)
+
+    replace_linears(model, take, names=list(names))
+    try:
+        yield model
+    finally:
+        replace_linears(model, lambda name, old: saved[name], names=list(saved))
+
+
+def _as_model(m, dtype: torch.dtype | None, device) -> DualARTransformer:
+    if isinstance(m, DualARTransformer):
+        return m
+    from .model.load import load_transformer
+    return load_transformer(Path(m), device=device, dtype=dtype)
+
+
+def _normalise_groups(groups, cfg) -> list[tuple[str, list[str]]]:
+    if groups is None or isinstance(groups, int):
+        return default_layer_groups(cfg, 4 if groups is None else groups)
+    items = groups.items() if isinstance(groups, Mapping) else groups
+    return [(str(n), [p] if isinstance(p, str) else list(p)) for n, p in items]
+
+
+def kl_by_layer_group(base, quantized, tokens: Tensor, prompt_len: int, groups: GroupSpec | None = None,
+                      dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu",
+                      include_all: bool = False, base_out: ModelOutputs | None = None) -> list[dict]:
+    """Which layers hurt: for each group of linears, a hybrid = base with ONLY that group's quantized linears
+    swapped in (the quantized model's own modules, shared; the base is restored afterwards), compared with the
+    base by `teacher_forced_kl`.
+
+    base / quantized: a loaded model or a checkpoint directory (loaded once, with `dtype` - float32 by
+    default, so only the quantization differs - on `device`; a loaded model is used as it is, and both must
+    then have the same dtype). groups: None / an int = `default_layer_groups(cfg, n)` (4 slow groups, "fast",
+    "fast_output"); or [(name, [linear-name prefixes])] / {name: prefixes}. Groups with no quantized linear
+    are skipped. The base outputs are computed once. include_all appends a row "all" (every quantized linear:
+    the full quantized model's numbers, for reference). base_out: the base's `model_outputs` on this matrix,
+    if already computed.
+
+    Returns [{group, linears (names), n_linears, slow_kl_mean, slow_kl_p99, slow_top1, fast_kl_mean,
+    fast_kl_p99, fast_top1, fast_kl_mean_by_codebook}] in group order. The slow numbers of a "fast" group are
+    exactly 0 (its linears never touch the slow AR)."""
+    base_m = _as_model(base, dtype, device)
+    q_m = _as_model(quantized, dtype, device)
+    if base_m is q_m:
+        raise ValueError("base and quantized are the same model object")
+    if base_m.dtype != q_m.dtype:
+        raise ValueError(f"base ({base_m.dtype}) and quantized ({q_m.dtype}) models must have the same dtype "
+                         "for their linears to be swapped")
+    qnames = quantized_linear_names(base_m, q_m)
+    if base_out is None:
+        base_out = model_outputs(base_m, tokens, prompt_len)
+    rows = []
+    plan = [(n, [q for q in qnames if _in_group(q, p)]) for n, p in _normalise_groups(groups, base_m.cfg)]
+    if include_all:
+        plan.append(("all", list(qnames)))
+    keys = ("slow_kl_mean", "slow_kl_p99", "slow_top1", "fast_kl_mean", "fast_kl_p99", "fast_top1",
+            "fast_kl_mean_by_codebook")
+    for name, names in plan:
+        if not names:
+            continue
+        with swapped_linears(base_m, q_m, names):
+            r = compare_outputs(base_out, model_outputs(base_m, tokens, prompt_len))
+        rows.append({"group": name, "linears": names, "n_linears": len(names), **{k: r[k] for k in keys}})
+    return rows
