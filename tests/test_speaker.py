@@ -34,6 +34,17 @@ LOW_2 = dict(f0=115, formants=[(650, 130), (1150, 150), (2500, 200)])
 HIGH = dict(f0=240, formants=[(300, 80), (2300, 150), (3000, 200)])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """The encoder's LSTM is tiny: one thread is faster than several competing on a loaded CI machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def clips():
     return {"low": voice(SR, **LOW), "low2": voice(SR, **LOW_2, seed=1), "high": voice(SR, **HIGH)}
