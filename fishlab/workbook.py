@@ -13,7 +13,7 @@ from . import spec
 from .checkpoint import iter_tensors, read_headers
 from .config import PRESETS, load_config
 from .demo import SYNTHETIC_NOTE, demo_checkpoint, is_synthetic
-from .io import write_json_atomic
+from .io import atomic_path, write_json_atomic
 from .phases import Phase
 from .quant.apply import METRICS_FILE, dequantized_state_dict, quantize_checkpoint, read_quantization
 from .sizes import GB, phase_estimate
@@ -167,3 +167,101 @@ def describe_source(src: Path) -> dict:
     return {"path": str(src), "model": cfg.name, "synthetic": is_synthetic(src),
             "files": sorted(f.name for f in src.iterdir() if f.is_file()),
             "has_codec": (src / spec.CODEC_FILE).exists()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# listening and fidelity (issue 5): samples, teacher-forced KL, speed, audio and speaker metrics
+# ----------------------------------------------------------------------------------------------------
+
+def phase_listening(src: Path, quantized: Path, phase: Phase, settings, output_dir: str | Path,
+                    work_dir: str | Path, layer_groups: bool = True, speaker: bool = True,
+                    asr_model: str | None = None) -> dict:
+    """Everything a phase report says about sound: the phase's TTS and cloned samples next to the base
+    model's (same seed and settings), teacher-forced KL of the phase model on the base sample's tokens (slow and
+    per fast codebook; per layer group when asked), generation speed and memory, audio stats and speaker
+    similarity. Writes the wavs into <output_dir>/audio/."""
+    from . import samples as S
+    from .asr import word_error
+    from .fidelity import fidelity_report, kl_by_layer_group
+    from .model.load import model_weight_bytes
+
+    audio_dir = Path(output_dir) / "audio"
+    ref, base = S.base_samples(src, Path(work_dir), settings)
+    S.publish([ref["wav"], base["tts"]["wav"], base["clone"]["wav"]], audio_dir)
+    model, codec, tok = S.load_stack(quantized, settings.dtype)
+    mine = S.synthesize_pair(model, codec, tok, settings, Path(ref["wav"]), audio_dir, phase.name)
+    weights = model_weight_bytes(model)
+
+    base_model = S.load_stack(src, settings.dtype)[0]
+    tokens, P = S.sample_tokens(tok, settings.text, S.load_codes(base["tts"]["wav"]), model.cfg.semantic_begin_id)
+    with S.threads_for(model):
+        fid = fidelity_report(base_model, model, tokens, P)
+        groups = kl_by_layer_group(base_model, model, tokens, P) if layer_groups else []
+    base_weights = model_weight_bytes(base_model)
+    del base_model
+
+    out = {"reference": ref, "base": base, "samples": mine, "fidelity": fid, "kl_by_layer_group": groups,
+           "weight_bytes": weights, "base_weight_bytes": base_weights, "settings": settings.key(str(src)),
+           "wer": word_error(asr_model, settings.text, {"base_tts": base["tts"]["wav"], "tts": mine["tts"]["wav"],
+                                                       "clone": mine["clone"]["wav"]})}
+    if speaker:
+        emb = lambda p: _speaker_embedding(p, codec.sample_rate, cache=Path(p).parent != audio_dir)  # noqa: E731
+        with S.threads_for(model):
+            e = {k: emb(p) for k, p in (("ref", ref["wav"]), ("base_tts", base["tts"]["wav"]),
+                                        ("base_clone", base["clone"]["wav"]), ("tts", mine["tts"]["wav"]),
+                                        ("clone", mine["clone"]["wav"]))}
+        from .speaker import cosine
+        out["speaker"] = {"clone_vs_reference": cosine(e["clone"], e["ref"]),
+                          "base_clone_vs_reference": cosine(e["base_clone"], e["ref"]),
+                          "tts_vs_base_tts": cosine(e["tts"], e["base_tts"]),
+                          "clone_vs_base_clone": cosine(e["clone"], e["base_clone"])}
+    return out
+
+
+def _speaker_embedding(wav: str | Path, sr: int, cache: bool):
+    """Speaker embedding of a wav; the reference's and base samples' are cached beside them (.spk.npy) so
+    every phase report reuses them."""
+    import numpy as np
+
+    from .audio import read_audio
+    from .speaker import speaker_embedding
+    npy = Path(wav).with_suffix(".spk.npy")
+    if cache and npy.exists() and npy.stat().st_mtime >= Path(wav).stat().st_mtime:
+        return np.load(npy)
+    e = speaker_embedding(read_audio(wav, sr), sr)
+    if cache:
+        with atomic_path(npy) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, e)
+    return e
+
+
+def listening_summary(listening: dict) -> dict:
+    """The few numbers of a phase's listening section that go into all_results.json."""
+    f = listening["fidelity"]
+    s = listening.get("speaker") or {}
+    gen = listening["samples"]["tts"]
+    return {"slow_kl_mean": f["slow_kl_mean"], "slow_kl_p99": f["slow_kl_p99"], "slow_top1": f["slow_top1"],
+            "fast_kl_mean": f["fast_kl_mean"], "fast_top1": f["fast_top1"],
+            "frames_per_s": gen["frames_per_s"], "real_time_factor": gen["real_time_factor"],
+            "peak_rss_bytes": max(x["peak_rss_bytes"] for x in listening["samples"].values()),
+            "weight_bytes": listening["weight_bytes"]["total"],
+            "speaker_clone_vs_reference": s.get("clone_vs_reference"),
+            "speaker_tts_vs_base": s.get("tts_vs_base_tts")}
+
+
+def listening_rows(output_dir: str | Path) -> tuple[dict, list, bool]:
+    """For the listening grid: {utterance: {column: wav path}}, the column order (reference, base, phases)
+    and whether any phase ran on synthetic weights; from the phase side files of a run."""
+    results = [r for r in load_phase_results(output_dir) if "listening_detail" in r]
+    if not results:
+        raise RuntimeError(f"no phase results with samples in {output_dir}: run the 10_phase reports with tts")
+    first = results[0]["listening_detail"]
+    rows = {"narration (tts)": {"base": first["base"]["tts"]["wav"]},
+            "narration (clone)": {"reference": first["reference"]["wav"], "base": first["base"]["clone"]["wav"]}}
+    for r in results:
+        s = r["listening_detail"]["samples"]
+        rows["narration (tts)"][r["phase"]["name"]] = s["tts"]["wav"]
+        rows["narration (clone)"][r["phase"]["name"]] = s["clone"]["wav"]
+    order = ["reference", "base"] + [r["phase"]["name"] for r in results]
+    return rows, order, any(r["synthetic"] for r in results)
