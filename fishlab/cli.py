@@ -158,6 +158,66 @@ def cmd_sizes(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
+# fishlab tts
+# ----------------------------------------------------------------------------------------------------
+
+def add_tts_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint directory (plain or quantized)")
+    p.add_argument("--phase", metavar="P", help="quantize the checkpoint with this phase first (cached)")
+    p.add_argument("--text", required=True, help="text to speak (<|speaker:N|> tags split turns)")
+    p.add_argument("--reference", metavar="WAV", help="reference voice to clone (needs --reference-text)")
+    p.add_argument("--reference-text", metavar="TEXT", help="transcript of the reference")
+    p.add_argument("--out", required=True, metavar="WAV", help="output wav (32-bit float, 44.1 kHz)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=30)
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="frames per text batch (default %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--work-dir", metavar="DIR", help="where --phase outputs are cached (default: FISHLAB_CACHE)")
+    p.add_argument("--params-dir", metavar="DIR", help="where phases are read (default: params/ of the repo)")
+
+
+def cmd_tts(args: argparse.Namespace) -> int:
+    import hashlib
+
+    from .audio import write_wav
+    from .demo import cache_dir
+    from .phases import load_phase
+    from .samples import load_stack
+    from .tts import synthesize
+    from .workbook import run_phase
+
+    ckpt = Path(args.checkpoint).expanduser().resolve()
+    if not ckpt.is_dir():
+        raise UserError(f"checkpoint not found: {ckpt}")
+    if (args.reference is None) != (args.reference_text is None):
+        raise UserError("voice cloning needs both --reference WAV and --reference-text")
+    if args.reference is not None and not Path(args.reference).is_file():
+        raise UserError(f"reference not found: {args.reference}")
+    try:
+        if args.phase:
+            phase = load_phase(args.phase, args.params_dir)
+            work = Path(args.work_dir) if args.work_dir else \
+                cache_dir() / "quantized" / hashlib.sha256(str(ckpt).encode()).hexdigest()[:12]
+            ckpt = Path(run_phase(ckpt, phase, work, progress=sys.stderr.isatty())["path"])
+        model, codec, tok = load_stack(ckpt, args.dtype, args.device)
+        audio, codes, info = synthesize(model, codec, tok, args.text, reference=args.reference,
+                                        reference_text=args.reference_text, seed=args.seed,
+                                        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                        max_new_tokens=args.max_new_tokens)
+        write_wav(args.out, audio, codec.sample_rate)
+    except (*_user_errors(), ValueError) as e:
+        raise UserError(str(e)) from None
+    print(f"wrote {args.out}: {info['seconds']:.2f} s of audio, {info['frames']} frames in {info['n_batches']} "
+          f"batch(es), stop: {info['stop_reason']}, {info['elapsed_s']:.1f} s ({info['mode']}, {ckpt.name})")
+    for w in info["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
 # Registry and entry point
 # ----------------------------------------------------------------------------------------------------
 
@@ -167,12 +227,14 @@ COMMANDS: dict[str, Command] = {
     "run": (add_run_arguments, cmd_run),
     "quantize": (add_quantize_arguments, cmd_quantize),
     "sizes": (add_sizes_arguments, cmd_sizes),
+    "tts": (add_tts_arguments, cmd_tts),
 }
 
 HELP = {
     "run": "execute the workbook notebooks of a params file and render HTML reports",
     "quantize": "apply one phase to a checkpoint: a packed, loadable quantized checkpoint directory",
     "sizes": "the size table: every phase and GGUF type, from a config (no weights read)",
+    "tts": "speak a text (optionally cloning a reference voice) with a checkpoint, optionally quantized first",
 }
 
 

@@ -26,7 +26,7 @@ import torch
 
 from . import spec
 from .checkpoint import OutTensor, write_sharded
-from .config import DEMO_TEXT_VOCAB, ModelConfig, preset
+from .config import ModelConfig, preset
 from .io import atomic_dir, atomic_path, write_json_atomic
 from .manifest import TensorSpec, codec_manifest, transformer_manifest
 

@@ -16,14 +16,7 @@ from fishlab.generate import (SamplingParams, as_model_scalar, exponential_race,
 from fishlab.model.load import load_transformer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The demo model is tiny: one intra-op thread is fastest, and on a shared 2-core machine several OpenMP
-    threads per process spin against each other (seconds per frame instead of ~40 ms)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models, one torch thread
 
 
 def logits_of(probs, dtype=torch.float32):

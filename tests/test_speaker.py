@@ -34,15 +34,7 @@ LOW_2 = dict(f0=115, formants=[(650, 130), (1150, 150), (2500, 200)])
 HIGH = dict(f0=240, formants=[(300, 80), (2300, 150), (3000, 200)])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """The encoder's LSTM is tiny: one thread is faster than several competing on a loaded CI machine."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models, one torch thread
 
 
 @pytest.fixture(scope="module")

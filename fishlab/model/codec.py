@@ -18,7 +18,6 @@ buffers: the RoPE table and the window mask are built per call, only as large as
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
