@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import CodecConfig, CodecTransformerConfig
+from .dualar import RMSNorm, apply_rope
+from .dualar import rope_table as rope_rows
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,21 +153,9 @@ class ConvNeXtBlock(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 def rope_table(n: int, head_dim: int, base: float) -> Tensor:
-    """[n, head_dim/2, 2] (cos, sin) for positions 0..n-1: computed in float32 on the CPU (so every device
-    gets the same table), then rounded to bfloat16 as the reference stores it."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
-    angles = torch.outer(torch.arange(n, dtype=torch.float32), inv_freq)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1).to(torch.bfloat16)
-
-
-def apply_rope(x: Tensor, table: Tensor) -> Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] in float32; table [T, D/2, 2] (bf16)."""
-    xp = x.float().reshape(*x.shape[:-1], -1, 2)
-    t = table.view(1, xp.shape[1], 1, xp.shape[3], 2)
-    cos, sin = t[..., 0], t[..., 1]
-    x0, x1 = xp[..., 0], xp[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
-    return out.flatten(3).type_as(x)
+    """[n, head_dim/2, 2] bf16 (cos, sin) for positions 0..n-1, the same rows as the DualAR's tables (fp32 on
+    the CPU so every device gets the same table, then bf16 as the reference stores it)."""
+    return rope_rows(torch.arange(n), head_dim, base)
 
 
 def window_mask(q0: int, q1: int, k0: int, k1: int, window: int, device) -> Tensor:
@@ -173,19 +163,6 @@ def window_mask(q0: int, q1: int, k0: int, k1: int, window: int, device) -> Tens
     i = torch.arange(q0, q1, device=device)[:, None]
     j = torch.arange(k0, k1, device=device)[None, :]
     return (j <= i) & (j > i - window)
-
-
-class RMSNorm(nn.Module):
-    """Normalise in float32, cast back to the input dtype, then multiply by the weight."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 class LayerScale(nn.Module):
