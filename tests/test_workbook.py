@@ -30,7 +30,7 @@ def test_every_report_renders(default_run):
     assert result.ok, [(r.name, r.status, r.reason) for r in result.reports if not r.ok]
     names = [r.name for r in result.reports]
     assert names == ["00_architecture"] + [f"10_phase-{p}" for p in ("1a", "1b", "2a", "2b", "2c", "3a", "3b")] + \
-        ["20_layer_errors", "90_summary"]
+        ["20_layer_errors", "30_listen", "90_summary"]
     index = (run_dir / "index.html").read_text()
     for n in names:
         assert f"{n}.html" in index and (run_dir / f"{n}.html").exists() and (run_dir / f"{n}.ipynb").exists()
@@ -66,12 +66,37 @@ def test_side_files_carry_the_numbers(default_run):
     assert res["pareto_size_vs_weight_error"]
 
 
+def test_every_phase_has_valid_samples_players_and_fidelity(default_run):
+    import numpy as np
+    import soundfile as sf
+
+    _, run_dir, _ = default_run
+    res = json.loads((run_dir / "all_results.json").read_text())
+    for name in ["base", *res["phases"]]:
+        for kind in ("tts", "clone"):
+            audio, sr = sf.read(run_dir / "audio" / f"{name}_{kind}.wav")
+            assert sr == 44100 and len(audio) > 0 and np.isfinite(audio).all(), (name, kind)
+    for name, p in res["phases"].items():
+        lis = p["listening"]
+        assert lis["slow_kl_mean"] >= 0 and 0 <= lis["slow_top1"] <= 1 and lis["frames_per_s"] > 0, name
+        assert -1 <= lis["speaker_clone_vs_reference"] <= 1
+        html = (run_dir / f"10_phase-{name}.html").read_text()
+        assert html.count("<audio") >= 5 and 'src="data:audio/wav;base64,' in html, name
+        assert "is noise, not speech" in html
+        assert "Word error rate: skipped" in html
+    listen = (run_dir / "30_listen.html").read_text()
+    assert listen.count("<audio") == 2 * (len(res["phases"]) + 1) + 1     # tts: base + phases; clone: + reference
+    assert "application/vnd.jupyter.widget" not in listen          # static page, no widget state
+    summary = (run_dir / "90_summary.html").read_text()
+    assert "Size vs KL" in summary
+
+
 def test_a_notebook_runs_with_plain_papermill(repo, tmp_path, monkeypatch):
     monkeypatch.setenv("FISHLAB_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out.ipynb"
     proc = subprocess.run([sys.executable, "-m", "papermill", str(repo / "notebooks" / "10_phase.ipynb"), str(out),
                            "-f", str(repo / "params" / "2a.yaml"), "-p", "output_dir", str(tmp_path),
-                           "-p", "report_name", "p2a", "--no-progress-bar"],
+                           "-p", "report_name", "p2a", "-p", "tts", "False", "--no-progress-bar"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     side = json.loads((tmp_path / "p2a.metrics.json").read_text())
