@@ -28,6 +28,7 @@ so packing hundreds of millions of values takes seconds at most.
 
 from __future__ import annotations
 
+import sys
 from typing import Union
 
 import torch
@@ -171,3 +172,59 @@ def unpack(packed: torch.Tensor, bits: Bits, numel: int) -> torch.Tensor:
     u = u.reshape(-1)[:numel]
     # u - half wraps modulo 256 in uint8; the int8 view is then the signed value.
     return (u - half).view(torch.int8)
+
+
+# --------------------------------------------------------------------------- fast path (private)
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
+_W3 = torch.tensor([float(8 ** k) for k in range(8)])      # 3-bit fields of a 24-bit word
+_OFF3 = 4.0 * sum(8 ** k for k in range(8))                 # + half = 4 on each of the 8 fields
+
+
+def pack_float_into(x: torch.Tensor, n: int, bits: Bits, out: torch.Tensor, tmp_f32: torch.Tensor,
+                    tmp_i32: torch.Tensor) -> None:
+    """Write :func:`pack` of the first ``n`` values of the float32 1-D buffer ``x`` into ``out``.
+
+    Private fast path for the quantizer.  ``x`` holds integer values in ``[-2**(bits-1), 2**(bits-1)-1]``
+    (any float32 for ``"fp8"``; the cast rounds as ``.to(float8_e4m3fn)`` does) and must have room for
+    a whole number of packing units (its tail beyond ``n`` is overwritten with padding).  ``out``:
+    uint8, exactly ``packed_nbytes(n, bits)`` bytes.  ``tmp_f32`` / ``tmp_i32``: scratch buffers of at
+    least ``ceil(n / values_per_unit(bits))`` elements.  The bytes equal ``pack(q, bits)`` exactly: the
+    offset-binary units are formed as exact small-integer float sums and converted once.
+    """
+    if bits == "fp8":
+        out.view(torch.float8_e4m3fn).copy_(x[:n])
+        return
+    if bits == 8:
+        out.view(torch.int8).copy_(x[:n])
+        return
+    vpu, _ = _UNIT[bits]
+    half = 1 << (bits - 1)
+    n_units = -(-n // vpu)
+    if n_units * vpu != n:
+        x[n:n_units * vpu].fill_(-half)          # padding: bit pattern 0 = offset-binary -half
+    xv = x[:n_units * vpu].view(n_units, vpu)
+    t = tmp_f32[:n_units]
+    if bits == 3:
+        torch.mv(xv, _W3, out=t)                 # sum q_k 8^k: exact (|sum| < 2**24)
+        t.add_(_OFF3)                            # the 24-bit unit, in [0, 2**24)
+        ti = tmp_i32[:n_units]
+        ti.copy_(t)
+        if _LITTLE_ENDIAN:
+            out.view(n_units, 3).copy_(ti.view(torch.uint8).view(n_units, 4)[:, :3])
+        else:
+            o = out.view(n_units, 3)
+            for k in range(3):
+                o[:, k].copy_((ti >> (8 * k)) & 0xFF)
+        return
+    # The unit byte u = sum (q_k + half) << (bits*k); u - 128 fits int8, so the float -> int8 cast is
+    # exact, and the uint8 view + 128 (wrapping) is u.
+    if bits == 4:
+        torch.add(xv[:, 0], xv[:, 1], alpha=16, out=t)
+        t.add_(8 + 16 * 8 - 128)
+    else:  # bits == 2
+        torch.add(xv[:, 0], xv[:, 1], alpha=4, out=t)
+        t.add_(xv[:, 2], alpha=16).add_(xv[:, 3], alpha=64)
+        t.add_(2 * (1 + 4 + 16 + 64) - 128)
+    out.view(torch.int8).copy_(t)
+    out.add_(128)

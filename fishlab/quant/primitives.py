@@ -35,6 +35,7 @@ Conventions
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -345,6 +346,93 @@ def dequantize(
     return w.reshape(q.shape).to(dtype)
 
 
+# --------------------------------------------------------------------------- fast block kernel (private)
+
+_FAST_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+#: Rows per block of the fast kernel are chosen to give about this many values (float32 buffers of
+#: 4 MB, reused across blocks and tensors).
+BLOCK_ELEMS = 1 << 20
+
+
+class _Workspace(threading.local):
+    """Per-thread scratch buffers, grown on demand and reused across blocks and tensors (fresh full-size
+    temporaries cost more in page faults than the arithmetic on them)."""
+
+    def __init__(self) -> None:
+        self.bufs: dict = {}
+
+    def get(self, key: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+        b = self.bufs.get(key)
+        if b is None or b.numel() < n or b.dtype != dtype:
+            b = torch.empty(max(n, 1), dtype=dtype)
+            self.bufs[key] = b
+        return b[:n]
+
+
+_WS = _Workspace()
+_FP8_TABLE = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+
+
+def _fast_ok(w2: torch.Tensor, scheme: Scheme) -> bool:
+    rows, cols = w2.shape
+    g = scheme.group_size
+    return (w2.dtype in _FAST_DTYPES and w2.device.type == "cpu" and rows > 0 and cols > 0
+            and (g is None or cols % g == 0))
+
+
+def _quantize_rows_into(w2: torch.Tensor, scheme: Scheme, scale_out: torch.Tensor, qdata_out: torch.Tensor):
+    """The fast kernel: quantize the rows ``w2`` ([r, cols], ``_fast_ok``) into ``scale_out`` ([r, n_groups],
+    scheme's scale dtype) and ``qdata_out`` (uint8, ``packed_nbytes(r * cols)`` bytes), bit-identical to
+    :func:`quantize_tensor`.  The same float32 math as choose_qparams + quantize, done in place on reused
+    buffers.  Returns ``(wf, x)``: float32 flat views of the block and of its quantized values (valid until
+    the next call on this thread), or ``None`` when the block holds NaN/Inf or a scale overflows (the caller
+    then raises through the reference path, which has the error messages)."""
+    rows, cols = w2.shape
+    n = rows * cols
+    bits = scheme.pack_bits
+    qmax = scheme.qmax
+    g = cols if scheme.group_size is None else scheme.group_size
+    ng = cols // g
+    vpu = _pack.values_per_unit(bits)
+    n_units = -(-n // vpu)
+    if w2.dtype == torch.float32 and w2.is_contiguous():
+        wf = w2.reshape(-1)
+    else:
+        wf = _WS.get("wf", n, torch.float32)
+        wf.view(rows, cols).copy_(w2)
+    x = _WS.get("x", n_units * vpu, torch.float32)
+    xn = x[:n]
+    # max|W| per group (abs and max are exact, so this equals choose_qparams' amax in the stored dtype).
+    amax = torch.abs(wf, out=xn).view(rows, ng, g).amax(dim=2)
+    if not bool(torch.isfinite(amax).all()):
+        return None
+    scale = (amax / qmax).to(scheme.torch_scale_dtype)
+    if not bool(torch.isfinite(scale).all()):
+        return None
+    scale_out.copy_(scale)
+    torch.div(wf.view(rows, ng, g), _safe_divisor(scale).unsqueeze(2), out=xn.view(rows, ng, g))
+    if scheme.method == "fp8":
+        xn.clamp_(-FP8_MAX, FP8_MAX)
+    else:
+        xn.round_().clamp_(-qmax, qmax)
+    _pack.pack_float_into(x, n, bits, qdata_out, _WS.get("pk", n_units, torch.float32),
+                          _WS.get("pk32", n_units, torch.int32))
+    if scheme.method == "fp8":  # x becomes the fp8 values as float32 (a table lookup; the cast back is slow)
+        idx = _WS.get("idx", n, torch.int64)
+        idx.copy_(qdata_out)
+        torch.index_select(_FP8_TABLE, 0, idx, out=xn)
+    return wf, xn
+
+
+def _dequantize_rows_(x: torch.Tensor, rows: int, cols: int, scale: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """In place: the quantized values ``x`` (float32, flat, from :func:`_quantize_rows_into`) times their
+    scales, i.e. ``dequantize``'s float32 result."""
+    g = cols if scheme.group_size is None else scheme.group_size
+    xv = x.view(rows, cols // g, g)
+    xv.mul_(scale.to(torch.float32).unsqueeze(2))
+    return x
+
+
 # --------------------------------------------------------------------------- QTensor
 
 
@@ -443,6 +531,11 @@ def quantize_tensor(
     if not w.is_floating_point() or w.dtype == torch.float8_e4m3fn:
         raise QuantError(f"{name}: expected a float weight, got {w.dtype}")
     w = w.detach()
+    w2 = _as_2d(w)
+    if _fast_ok(w2, scheme):
+        qt = _quantize_tensor_fast(name, w, w2, scheme)
+        if qt is not None:
+            return qt
     bits = scheme.pack_bits
     scale = choose_qparams(w, bits, scheme.group_size, scheme.scale_dtype, name=name)
     w2 = _as_2d(w)
@@ -456,6 +549,26 @@ def quantize_tensor(
         q = quantize(w2[r0 : r0 + step], scale[r0 : r0 + step], bits, scheme.group_size)
         parts.append(_pack.pack(q, bits, check=False))
     qdata = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return QTensor(qdata, scale, scheme, tuple(w.shape), w.dtype, name)
+
+
+def _quantize_tensor_fast(name: str, w: torch.Tensor, w2: torch.Tensor, scheme: Scheme) -> Optional[QTensor]:
+    """quantize_tensor through the fast kernel, in blocks of whole rows (a multiple of the packing unit, so the
+    packed streams of the blocks are consecutive slices of the whole); None when a block fails its checks."""
+    rows, cols = w2.shape
+    bits = scheme.pack_bits
+    vpu, bpu = _pack.values_per_unit(bits), _pack.bytes_per_unit(bits)
+    n_groups = 1 if scheme.group_size is None else cols // scheme.group_size
+    qdata = torch.empty(_pack.packed_nbytes(rows * cols, bits), dtype=torch.uint8)
+    scale = torch.empty(rows, n_groups, dtype=scheme.torch_scale_dtype)
+    step = max(vpu, (max(1, BLOCK_ELEMS // cols) // vpu) * vpu)
+    for r0 in range(0, rows, step):
+        block = w2[r0:r0 + step]
+        r = block.shape[0]
+        b0 = r0 * cols // vpu * bpu
+        nb = _pack.packed_nbytes(r * cols, bits)
+        if _quantize_rows_into(block, scheme, scale[r0:r0 + r], qdata[b0:b0 + nb]) is None:
+            return None
     return QTensor(qdata, scale, scheme, tuple(w.shape), w.dtype, name)
 
 
