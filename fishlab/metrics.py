@@ -44,6 +44,26 @@ def weight_error(w: torch.Tensor, w_hat: torch.Tensor, scale: torch.Tensor | Non
     return out
 
 
+def histc_counts(x: torch.Tensor, bins: int, r: float, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.histc(x, bins, min=-r, max=r)`` as int64 counts (added into ``counts`` when given), for a flat
+    float32 ``x`` whose values all lie in ``[-r, r]`` (r > 0, exactly representable in float32).
+
+    Same bin choice as histc's CPU kernel (linear interpolation in float32:
+    ``int((x - min) * bins / (max - min))``, the right edge in the last bin), about 5x faster: a few
+    elementwise passes and a bincount instead of a per-element generic loop."""
+    n = x.numel()
+    t = torch.sub(x, -r)
+    t.mul_(bins).div_(r - -r)
+    idx = t.to(torch.int32)
+    c = torch.bincount(idx, minlength=bins + 1) if n else torch.zeros(bins + 1, dtype=torch.int64)
+    c[bins - 1] += c[bins]            # x == max goes to the last bin
+    c = c[:bins]
+    if counts is None:
+        return c
+    counts += c
+    return counts
+
+
 def summarize(per_tensor: dict[str, dict], key: str) -> dict[str, dict]:
     """Totals grouped by an attribute recorded with each tensor (e.g. 'component', 'projection'):
     parameter-weighted rel_fro (sqrt of summed squared errors over summed squared weights), mean SNR,

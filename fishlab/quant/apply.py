@@ -19,6 +19,7 @@ tensor's result; blocks are a multiple of the packing unit, so their packed stre
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -36,17 +37,21 @@ from ..checkpoint import (CheckpointError, OutTensor, TensorInfo, compare_to_man
 from ..config import ModelConfig, load_config
 from ..io import atomic_dir, remove_stale_partials, write_json_atomic
 from ..manifest import TensorSpec, linear_targets, transformer_manifest
-from ..metrics import summarize, weight_error
+from ..metrics import histc_counts, summarize, weight_error
 from ..phases import Phase
 from ..sizes import phase_estimate
-from .pack import packed_nbytes, values_per_unit
-from .primitives import (FORMAT_VERSION, NonFiniteWeightError, QTensor, QuantError, Scheme, choose_qparams,
-                         dequantize_tensor, describe, from_description, quantize_tensor)
+from .pack import bytes_per_unit, packed_nbytes, values_per_unit
+from .primitives import (_WS, FORMAT_VERSION, NonFiniteWeightError, QTensor, QuantError, Scheme, _dequantize_rows_,
+                         _fast_ok, _quantize_rows_into, choose_qparams, dequantize_tensor, describe,
+                         from_description, quantize_tensor)
 
 METRICS_FILE = "quantization_metrics.json"
 METADATA_KEY = "quantization"
 _WEIGHT_FILES = (spec.INDEX_FILE, spec.SINGLE_FILE)
 CHUNK_ELEMS = 1 << 20       # values per row block when quantizing / measuring (4 MB of float32)
+_ERR_REUSE_MAX = 1 << 26
+QUANT_THREADS: int | None = 1   # torch threads for the block work (elementwise ops on ~1M values: a second
+                                # thread gains little and stalls badly when the other core is busy)
 
 
 class QuantizeError(RuntimeError):
@@ -88,7 +93,9 @@ class _ErrorAccumulator:
     CHUNK_ELEMS values; agrees with weight_error to rounding of the summation order)."""
 
     def __init__(self, numel: int):
-        self.err = torch.empty(numel, dtype=torch.float32)      # kept for the histogram's second pass
+        # the error, kept for the histogram's second pass (a reused buffer up to 64M values: no page faults)
+        self.err = (_WS.get("m_err", numel, torch.float32) if numel <= _ERR_REUSE_MAX
+                    else torch.empty(numel, dtype=torch.float32))
         self.pos = 0
         self.ss_w = self.ss_e = self.dot = self.ss_h = self.abs_e = 0.0
         self.max_abs = 0.0
@@ -114,14 +121,48 @@ class _ErrorAccumulator:
         self.n_nz += n - w_zero
         self.n_zeroed += int(torch.count_nonzero(w_hat == 0)) - w_zero     # 0 always reconstructs to 0
 
+    def add_f32(self, w: torch.Tensor, w_hat: torch.Tensor) -> None:
+        """add() for flat float32 w and w_hat, on reused buffers: the same float32 error and float64 sums of
+        exact float64 products (only the summation order differs from weight_error)."""
+        n = w.numel()
+        if not n:
+            return
+        e = self.err[self.pos:self.pos + n]
+        self.pos += n
+        torch.sub(w_hat, w, out=e)
+        wd, hd = _WS.get("m_wd", n, torch.float64), _WS.get("m_hd", n, torch.float64)
+        wd.copy_(w)
+        hd.copy_(w_hat)
+        self.ss_w += float(torch.dot(wd, wd))
+        self.dot += float(torch.dot(wd, hd))
+        self.ss_h += float(torch.dot(hd, hd))
+        hd.copy_(e)
+        self.ss_e += float(torch.dot(hd, hd))
+        hd.abs_()
+        self.abs_e += float(hd.sum())
+        self.max_abs = max(self.max_abs, float(hd.max()))
+        # non-zeros counted as sign(v) . sign(v) (float32 sums of ones: exact below 2**24 per block)
+        if n <= 1 << 24:
+            sg = _WS.get("m_sg", n, torch.float32)
+            nnz = lambda v: int(torch.dot(*(torch.sign(v, out=sg),) * 2))  # noqa: E731
+        else:
+            nnz = lambda v: int(torch.count_nonzero(v))  # noqa: E731
+        h_zero = n - nnz(w_hat)
+        w_zero = n - nnz(w) if h_zero else 0          # w == 0 implies w_hat == 0
+        self.n_nz += n - w_zero
+        self.n_zeroed += h_zero - w_zero
+
     def result(self, scale: torch.Tensor) -> dict:
         from ..metrics import HIST_BINS
         n = self.err.numel()
         ss_w, ss_e, ss_h = self.ss_w, self.ss_e, self.ss_h
         r = self.max_abs if self.max_abs > 0 else 1.0
-        hist = torch.zeros(HIST_BINS, dtype=torch.float64)
-        for i in range(0, n, CHUNK_ELEMS):
-            hist += torch.histc(self.err[i:i + CHUNK_ELEMS], bins=HIST_BINS, min=-r, max=r).double()
+        hist = torch.zeros(HIST_BINS, dtype=torch.int64)
+        with _threads(QUANT_THREADS):
+            for i in range(0, n, CHUNK_ELEMS):      # the counts of torch.histc(err, HIST_BINS, -r, r), faster
+                histc_counts(self.err[i:i + CHUNK_ELEMS], HIST_BINS, r, hist)
+        # the scale statistics at the caller's thread count, as weight_error computes them (a float32 mean's
+        # rounding depends on how the reduction is split)
         s = scale.detach().float().reshape(-1)
         return {
             "numel": n,
@@ -138,6 +179,47 @@ class _ErrorAccumulator:
         }
 
 
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """torch's intra-op thread count set to `n` (None: unchanged) for the duration."""
+    old = torch.get_num_threads()
+    if n is None or n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _quantize_blocked_fast(name: str, w: torch.Tensor, w2: torch.Tensor, scheme: Scheme, with_metrics: bool,
+                           chunk_elems: int) -> tuple[QTensor, _ErrorAccumulator | None] | None:
+    """quantize_blocked through the in-place kernel (primitives._quantize_rows_into): each block is read once
+    into a reused float32 buffer, quantized and packed straight into its slice of the output, and measured
+    from the same buffers. None when a block fails its checks (the caller's reference path raises)."""
+    rows, cols = w2.shape
+    bits = scheme.pack_bits
+    vpu, bpu = values_per_unit(bits), bytes_per_unit(bits)
+    n_groups = 1 if scheme.group_size is None else cols // scheme.group_size
+    qdata = torch.empty(packed_nbytes(rows * cols, bits), dtype=torch.uint8)
+    scale = torch.empty(rows, n_groups, dtype=scheme.torch_scale_dtype)
+    step = max(vpu, (max(1, chunk_elems // cols) // vpu) * vpu)
+    acc = _ErrorAccumulator(rows * cols) if with_metrics else None
+    for r0 in range(0, rows, step):
+        block = w2[r0:r0 + step]
+        r = block.shape[0]
+        b0 = r0 * cols // vpu * bpu
+        sb = scale[r0:r0 + r]
+        res = _quantize_rows_into(block, scheme, sb, qdata[b0:b0 + packed_nbytes(r * cols, bits)])
+        if res is None:
+            return None
+        if acc is not None:
+            wf, x = res
+            acc.add_f32(wf, _dequantize_rows_(x, r, cols, sb, scheme))
+    return QTensor(qdata, scale, scheme, tuple(w.shape), w.dtype, name), acc
+
+
 def quantize_blocked(name: str, w: torch.Tensor, scheme: Scheme, with_metrics: bool = False,
                      chunk_elems: int = CHUNK_ELEMS) -> tuple[QTensor, dict | None]:
     """quantize_tensor(name, w, scheme) (the identical QTensor), computed in blocks of whole rows, and when
@@ -147,6 +229,12 @@ def quantize_blocked(name: str, w: torch.Tensor, scheme: Scheme, with_metrics: b
         qt = quantize_tensor(name, w, scheme)
         return qt, (weight_error(w, dequantize_tensor(qt, torch.float32), qt.scale) if with_metrics else None)
     w2 = w.reshape(w.shape[0], -1)
+    if _fast_ok(w2, scheme):
+        with _threads(QUANT_THREADS):
+            r = _quantize_blocked_fast(name, w, w2, scheme, with_metrics, chunk_elems)
+        if r is not None:
+            qt, acc = r
+            return qt, (acc.result(qt.scale) if acc is not None else None)
     rows, cols = w2.shape
     vpu = values_per_unit(scheme.pack_bits)
     step = max(vpu, (max(1, chunk_elems // max(cols, 1)) // vpu) * vpu)
