@@ -64,16 +64,29 @@ def threads_for(model: torch.nn.Module):
         torch.set_num_threads(old)
 
 
+def resolve_dtype(model_dtype: str | None, ckpt: str | Path) -> str:
+    """The dtype samples run in: the one asked for, else float32 for the synthetic demo (tiny; exact on CPU) and
+    the checkpoint's own dtype (bfloat16 for S2 Pro: 9 GB instead of 18 GB) for real weights."""
+    if model_dtype:
+        if model_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"model_dtype must be float32, bfloat16 or float16, got {model_dtype!r}")
+        return model_dtype
+    from .config import load_transformer_config
+    from .demo import is_synthetic
+    return "float32" if is_synthetic(ckpt) else load_transformer_config(ckpt).dtype
+
+
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (Linux: ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def load_stack(ckpt: str | Path, dtype: str = "float32", device: str = "cpu"):
+def load_stack(ckpt: str | Path, dtype: str = "float32", device: str | None = None):
     """(model, codec, tokenizer) of a checkpoint directory (plain or quantized)."""
     from .model import load_codec, load_transformer
     from .tokenizer import load_tokenizer
     dt = getattr(torch, dtype)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return (load_transformer(ckpt, device=device, dtype=dt), load_codec(ckpt, device=device),
             load_tokenizer(ckpt))
 
@@ -101,6 +114,8 @@ def synthesize_pair(model, codec, tok, settings: SampleSettings, reference: Path
                 "frames_per_s": info["frames"] / elapsed if elapsed > 0 else None,
                 "real_time_factor": elapsed / info["seconds"] if info["seconds"] else None,
                 "peak_rss_bytes": peak_rss_bytes(),
+                "peak_vram_bytes": (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+                                    and next(model.parameters()).is_cuda else None),
                 "stats": audio_stats(audio, codec.sample_rate), "warnings": info["warnings"],
             }
     return result
