@@ -15,7 +15,9 @@ Memory and speed (measured at full S2 Pro size in benchmarks/README.md): tensors
 into a fresh tensor (no mmap, so no file pages are counted in the process RSS), and quantized and measured in
 row chunks of about `CHUNK_ELEMS` values, so float32 temporaries stay a few MB whatever the tensor size. Scales
 are per row (or per group of a row), so quantizing a block of whole rows gives exactly the rows of the whole
-tensor's result; blocks are a multiple of the packing unit, so their packed streams concatenate.
+tensor's result; blocks are a multiple of the packing unit, so their packed streams concatenate. The block work
+runs in place on reused buffers (primitives._quantize_rows_into) on one torch thread, and the next tensor's bytes
+are prefetched into the page cache while the current one is quantized and written (_ReadAhead).
 """
 from __future__ import annotations
 
@@ -23,8 +25,10 @@ import contextlib
 import errno
 import json
 import math
+import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +54,7 @@ METADATA_KEY = "quantization"
 _WEIGHT_FILES = (spec.INDEX_FILE, spec.SINGLE_FILE)
 CHUNK_ELEMS = 1 << 20       # values per row block when quantizing / measuring (4 MB of float32)
 _ERR_REUSE_MAX = 1 << 26
+METRICS_THREAD = True           # measure on a second thread while the main one writes and reads (2 cores)
 QUANT_THREADS: int | None = 1   # torch threads for the block work (elementwise ops on ~1M values: a second
                                 # thread gains little and stalls badly when the other core is busy)
 
@@ -73,7 +78,11 @@ def _is_weight_file(p: Path) -> bool:
 def read_tensor(info: TensorInfo) -> torch.Tensor:
     """One tensor's bytes read with plain file reads into a new tensor (no mmap: nothing but the tensor itself
     is resident afterwards)."""
-    t = torch.empty(info.shape, dtype=torch_dtype(info.dtype))
+    return _read_into(info, torch.empty(info.shape, dtype=torch_dtype(info.dtype)))
+
+
+def _read_into(info: TensorInfo, t: torch.Tensor) -> torch.Tensor:
+    """read_tensor into the contiguous tensor `t` of the tensor's shape and dtype."""
     if info.nbytes == 0:
         return t
     buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
@@ -86,6 +95,49 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
                 raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name}")
             done += n
     return t
+
+
+def _will_need(info: TensorInfo) -> None:
+    try:
+        fd = os.open(info.file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+class _ReadAhead:
+    """Reads tensors in a known order; after each read, has the kernel fetch the next tensor's bytes into the
+    page cache (posix_fadvise WILLNEED, issued from a helper thread since it can block while submitting), so
+    the disk works while this tensor is quantized and written. A hint only: page cache is not process RSS."""
+
+    def __init__(self, order: list[TensorInfo]):
+        self.next = {a.name: b for a, b in zip(order, order[1:])}
+        ok = hasattr(os, "posix_fadvise") and bool(order)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fishlab-readahead") if ok else None
+        if ok:
+            self.pool.submit(_will_need, order[0])
+
+    def read(self, info: TensorInfo, reuse: bool = False) -> torch.Tensor:
+        """The tensor; with `reuse`, in a buffer reused from one call to the next (for a tensor that is only
+        quantized: no page faults on fresh memory for every tensor)."""
+        if reuse:
+            raw = _WS.get("read", info.nbytes, torch.uint8)
+            t = _read_into(info, raw.view(torch_dtype(info.dtype)).view(info.shape))
+        else:
+            t = read_tensor(info)
+        nxt = self.next.get(info.name)
+        if self.pool is not None and nxt is not None and nxt.nbytes:
+            self.pool.submit(_will_need, nxt)
+        return t
+
+    def close(self) -> None:
+        _WS.bufs.pop("read", None)          # give the big reused buffers back
+        _WS.bufs.pop("m_err", None)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _ErrorAccumulator:
@@ -163,7 +215,6 @@ class _ErrorAccumulator:
                 histc_counts(self.err[i:i + CHUNK_ELEMS], HIST_BINS, r, hist)
         # the scale statistics at the caller's thread count, as weight_error computes them (a float32 mean's
         # rounding depends on how the reduction is split)
-        s = scale.detach().float().reshape(-1)
         return {
             "numel": n,
             "rel_fro": math.sqrt(ss_e / ss_w) if ss_w > 0 else 0.0,
@@ -174,9 +225,36 @@ class _ErrorAccumulator:
             "zero_fraction": self.n_zeroed / self.n_nz if self.n_nz else 0.0,
             "weight_rms": math.sqrt(ss_w / max(1, n)),
             "hist": {"range": r, "counts": [int(c) for c in hist.tolist()]},
-            "scale": {"min": float(s.min()), "max": float(s.max()), "mean": float(s.mean()),
-                      "zero_groups": int((s == 0).sum()), "n": s.numel()},
+            "scale": _scale_stats(scale),
         }
+
+
+def _scale_stats(scale: torch.Tensor) -> dict:
+    """weight_error's "scale" entry (its float32 mean rounds according to the torch thread count in force)."""
+    s = scale.detach().float().reshape(-1)
+    return {"min": float(s.min()), "max": float(s.max()), "mean": float(s.mean()),
+            "zero_groups": int((s == 0).sum()), "n": s.numel()}
+
+
+class _MetricsWorker:
+    """Measures quantized tensors on a second thread: the weight error costs several times the CPU of the
+    quantization, and the main thread meanwhile writes the tensor and reads the next. One job at a time."""
+
+    def __init__(self):
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fishlab-metrics")
+        self.job = None
+
+    def wait(self) -> None:
+        job, self.job = self.job, None
+        if job is not None:
+            job.result()            # re-raises the worker's exception here
+
+    def submit(self, fn, *args) -> None:
+        self.wait()
+        self.job = self.pool.submit(fn, *args)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 @contextlib.contextmanager
@@ -265,10 +343,14 @@ class _Pending:
     scheme: Scheme
     metrics: dict
     with_metrics: bool
+    reader: _ReadAhead
+    worker: _MetricsWorker | None = None
     qt: QTensor | None = None
 
     def qdata(self) -> torch.Tensor:
-        w = read_tensor(self.info)
+        if self.with_metrics and self.worker is not None:
+            return self._qdata_pipelined()
+        w = self.reader.read(self.info, reuse=True)
         try:
             self.qt, m = quantize_blocked(self.info.name, w, self.scheme, self.with_metrics)
         except QuantError as e:
@@ -278,6 +360,23 @@ class _Pending:
                      group=self.spec_.group, shape=list(self.spec_.shape))
             self.metrics[self.info.name] = m
         return self.qt.qdata
+
+    def _qdata_pipelined(self) -> torch.Tensor:
+        w = self.reader.read(self.info)           # a tensor of its own: the worker keeps it
+        self.worker.wait()    # the previous tensor measured: bounded memory, no torch thread-count change in flight
+        try:
+            self.qt, _ = quantize_blocked(self.info.name, w, self.scheme)
+        except QuantError as e:
+            raise QuantizeError(f"{e}; nothing was written") from e
+        self.worker.submit(self._measure, w, _scale_stats(self.qt.scale))   # scale stats at the caller's threads
+        return self.qt.qdata
+
+    def _measure(self, w: torch.Tensor, scale_stats: dict) -> None:
+        _, m = quantize_blocked(self.info.name, w, self.scheme, True)   # recomputed: cheaper than handing over
+        m["scale"] = scale_stats
+        m.update(component=self.spec_.component, projection=self.spec_.projection, layer=self.spec_.layer,
+                 group=self.spec_.group, shape=list(self.spec_.shape))
+        self.metrics[self.info.name] = m
 
     def scale(self) -> torch.Tensor:
         qt, self.qt = self.qt, None
@@ -319,16 +418,18 @@ def quantize_checkpoint(src: str | Path, out: str | Path, phase: Phase, overwrit
     metrics: dict[str, dict] = {}
     plan: list[OutTensor] = []
     descriptions: dict[str, dict] = {}
+    reader = _ReadAhead([infos[s.name] for s in specs])     # the order write_sharded reads them in
+    worker = _MetricsWorker() if with_metrics and METRICS_THREAD else None
     for s in specs:
         info = infos[s.name]
         if s.name in targets:
-            p = _Pending(info, s, scheme, metrics, with_metrics)
+            p = _Pending(info, s, scheme, metrics, with_metrics, reader, worker)
             desc = _planned_description(s, info, scheme)
             descriptions[s.name] = desc
             plan.append(OutTensor(s.name + ".qdata", (desc["qdata_nbytes"],), "uint8", p.qdata))
             plan.append(OutTensor(s.name + ".scale", tuple(desc["scale_shape"]), scheme.scale_dtype, p.scale))
         else:
-            plan.append(OutTensor(s.name, info.shape, info.dtype, (lambda info=info: read_tensor(info))))
+            plan.append(OutTensor(s.name, info.shape, info.dtype, (lambda info=info: reader.read(info))))
     qmeta = {"format_version": FORMAT_VERSION, "phase": phase.to_dict(), "scheme": scheme.to_dict(),
              "tensors": descriptions}
 
@@ -342,6 +443,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, phase: Phase, overwrit
             write_sharded(tmp, plan, n_shards=_n_shards(src),
                           metadata={"format": "pt", METADATA_KEY: json.dumps(qmeta, separators=(",", ":"))},
                           progress=bar.update if bar else None)
+            if worker is not None:
+                worker.wait()                   # the last tensor's metrics
             measured = tree_bytes(tmp)
             result = dict(qmeta, source=str(src), seconds=time.perf_counter() - t0,
                           measured_bytes=measured, weights_bytes=sum(p.stat().st_size for p in transformer_files(tmp)),
@@ -355,6 +458,9 @@ def quantize_checkpoint(src: str | Path, out: str | Path, phase: Phase, overwrit
         what = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise QuantizeError(f"writing {out} failed ({what}); nothing was left under that name") from e
     finally:
+        if worker is not None:
+            worker.close()
+        reader.close()
         if bar:
             bar.close()
     return dict(result, metrics=metrics)
