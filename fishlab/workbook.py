@@ -183,7 +183,7 @@ def phase_listening(src: Path, quantized: Path, phase: Phase, settings, output_d
     from . import samples as S
     from .asr import word_error
     from .fidelity import fidelity_report, kl_by_layer_group
-    from .model.load import model_weight_bytes
+    from .model.load import load_transformer, model_weight_bytes
 
     audio_dir = Path(output_dir) / "audio"
     ref, base = S.base_samples(src, Path(work_dir), settings)
@@ -192,7 +192,7 @@ def phase_listening(src: Path, quantized: Path, phase: Phase, settings, output_d
     mine = S.synthesize_pair(model, codec, tok, settings, Path(ref["wav"]), audio_dir, phase.name)
     weights = model_weight_bytes(model)
 
-    base_model = S.load_stack(src, settings.dtype)[0]
+    base_model = load_transformer(src, device=next(model.parameters()).device, dtype=getattr(torch, settings.dtype))
     tokens, P = S.sample_tokens(tok, settings.text, S.load_codes(base["tts"]["wav"]), model.cfg.semantic_begin_id)
     with S.threads_for(model):
         fid = fidelity_report(base_model, model, tokens, P)
