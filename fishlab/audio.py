@@ -56,7 +56,7 @@ def read_audio(path: str | Path, target_sr: int = DEFAULT_SR) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32)).reshape(1, -1)
 
 
-def _as_mono_numpy(audio: Tensor | np.ndarray) -> np.ndarray:
+def as_mono_numpy(audio: Tensor | np.ndarray) -> np.ndarray:
     a = audio.detach().to("cpu", torch.float32).numpy() if isinstance(audio, Tensor) else np.asarray(audio, np.float32)
     if a.ndim == 3 and a.shape[:2] == (1, 1):
         a = a[0, 0]
@@ -76,7 +76,7 @@ def write_wav(path: str | Path, audio: Tensor | np.ndarray, sr: int, subtype: st
         raise ValueError(f"subtype must be one of {WAV_SUBTYPES}, got {subtype!r}")
     if not isinstance(sr, int) or sr <= 0:
         raise ValueError(f"sample rate must be a positive int, got {sr!r}")
-    a = _as_mono_numpy(audio)
+    a = as_mono_numpy(audio)
     bad = ~np.isfinite(a)
     if bad.any():
         raise ValueError(f"refusing to write {path}: {int(bad.sum())} of {a.size} samples are NaN or Inf "
@@ -92,7 +92,7 @@ def write_wav(path: str | Path, audio: Tensor | np.ndarray, sr: int, subtype: st
 def audio_stats(audio: Tensor | np.ndarray, sr: int) -> dict:
     """duration_s, rms_dbfs (20 log10 rms; -inf for silence or no samples), peak (max |x|), clipped_fraction
     (share of samples with |x| >= CLIP_THRESHOLD), finite (no NaN/Inf). Level figures use finite samples only."""
-    a = _as_mono_numpy(audio).astype(np.float64)
+    a = as_mono_numpy(audio).astype(np.float64)
     finite = np.isfinite(a)
     f = a[finite]
     rms = float(np.sqrt(np.mean(f * f))) if f.size else 0.0

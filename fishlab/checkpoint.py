@@ -181,17 +181,32 @@ def validate_transformer(ckpt_dir: str | Path, cfg: DualARConfig | None = None) 
     return cfg, infos
 
 
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """One tensor's bytes read with plain file reads into a new tensor (no mmap: nothing but the tensor itself
+    is resident afterwards)."""
+    return read_tensor_into(info, torch.empty(info.shape, dtype=torch_dtype(info.dtype)))
+
+
+def read_tensor_into(info: TensorInfo, t: torch.Tensor) -> torch.Tensor:
+    """read_tensor into the contiguous tensor `t` of the tensor's shape and dtype (e.g. a reused buffer)."""
+    if info.nbytes == 0:
+        return t
+    buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    with open(info.file, "rb", buffering=0) as f:
+        f.seek(info.start)
+        done = 0
+        while done < info.nbytes:
+            n = f.readinto(buf[done:])
+            if not n:
+                raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name}")
+            done += n
+    return t
+
+
 def iter_tensors(infos: dict[str, TensorInfo], names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) one at a time, reading through safetensors' mmap so only one tensor is resident."""
-    from safetensors import safe_open
-    names = list(names) if names is not None else list(infos)
-    by_file: dict[Path, list[str]] = {}
-    for n in names:
-        by_file.setdefault(infos[n].file, []).append(n)
-    for f, ns in by_file.items():
-        with safe_open(str(f), framework="pt") as h:
-            for n in ns:
-                yield n, h.get_tensor(n)
+    """(name, tensor) one at a time (`read_tensor`), so only the tensor in hand is resident."""
+    for n in (list(names) if names is not None else list(infos)):
+        yield n, read_tensor(infos[n])
 
 
 def load_transformer_state_dict(ckpt_dir: str | Path, cfg: DualARConfig | None = None,

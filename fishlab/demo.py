@@ -27,8 +27,9 @@ import torch
 from . import spec
 from .checkpoint import OutTensor, write_sharded
 from .config import ModelConfig, preset
-from .io import atomic_dir, atomic_path, write_json_atomic
+from .io import atomic_dir, write_json_atomic
 from .manifest import TensorSpec, codec_manifest, transformer_manifest
+from .model.codec_load import write_codec_pth
 
 DEMO_VERSION = 1
 SYNTHETIC_NOTE = ("These weights are SYNTHETIC (fishlab's demo checkpoint): heavy-tailed random weights in S2 Pro's "
@@ -151,12 +152,6 @@ def build_tokenizer(cfg: ModelConfig):
 # ----------------------------------------------------------------------------------------------------
 # the checkpoint
 # ----------------------------------------------------------------------------------------------------
-
-def write_codec_pth(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
-    """codec.pth as the real file is: a torch zip pickle of a flat {name: tensor} dict, written atomically."""
-    with atomic_path(path) as tmp:
-        torch.save({k: v.contiguous() for k, v in state_dict.items()}, tmp)
-
 
 def build_demo_checkpoint(out_dir: str | Path, seed: int = 0, overwrite: bool = False,
                           cfg: ModelConfig | None = None) -> Path:

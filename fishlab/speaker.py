@@ -25,7 +25,7 @@ import warnings
 
 import numpy as np
 
-from .audio import _as_mono_numpy, resample
+from .audio import as_mono_numpy, resample
 
 __all__ = ["ENCODER_SR", "EMBEDDING_DIM", "SILENCE_DBFS", "SpeakerSimilarityWarning", "load_encoder",
            "speaker_embedding", "speaker_similarity", "cosine"]
@@ -85,7 +85,7 @@ def speaker_embedding(audio, sr: int, return_info: bool = False, device: str = "
     SpeakerSimilarityWarning; "silent", "empty" and "nonfinite" give an all-NaN embedding."""
     if not isinstance(sr, (int, np.integer)) or sr <= 0:
         raise ValueError(f"sample rate must be a positive int, got {sr!r}")
-    a = np.asarray(_as_mono_numpy(audio), dtype=np.float32)
+    a = np.asarray(as_mono_numpy(audio), dtype=np.float32)
     info = {"status": "ok", "vad_fallback": False, "input_s": a.size / sr, "embedded_s": 0.0,
             "rms_dbfs": float("-inf")}
 

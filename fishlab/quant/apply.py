@@ -36,7 +36,7 @@ import torch
 
 from .. import spec
 from ..checkpoint import (CheckpointError, OutTensor, TensorInfo, compare_to_manifest, iter_tensors,
-                          read_headers, torch_dtype, transformer_files, tree_bytes, validate_transformer,
+                          read_headers, read_tensor, read_tensor_into, torch_dtype, transformer_files, tree_bytes, validate_transformer,
                           write_sharded)
 from ..config import ModelConfig, load_config
 from ..io import atomic_dir, remove_stale_partials, write_json_atomic
@@ -75,28 +75,6 @@ def _is_weight_file(p: Path) -> bool:
     return p.name in _WEIGHT_FILES or (p.name.startswith("model-") and p.suffix == ".safetensors")
 
 
-def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """One tensor's bytes read with plain file reads into a new tensor (no mmap: nothing but the tensor itself
-    is resident afterwards)."""
-    return _read_into(info, torch.empty(info.shape, dtype=torch_dtype(info.dtype)))
-
-
-def _read_into(info: TensorInfo, t: torch.Tensor) -> torch.Tensor:
-    """read_tensor into the contiguous tensor `t` of the tensor's shape and dtype."""
-    if info.nbytes == 0:
-        return t
-    buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
-    with open(info.file, "rb", buffering=0) as f:
-        f.seek(info.start)
-        done = 0
-        while done < info.nbytes:
-            n = f.readinto(buf[done:])
-            if not n:
-                raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name}")
-            done += n
-    return t
-
-
 def _will_need(info: TensorInfo) -> None:
     try:
         fd = os.open(info.file, os.O_RDONLY)
@@ -125,7 +103,7 @@ class _ReadAhead:
         quantized: no page faults on fresh memory for every tensor)."""
         if reuse:
             raw = _WS.get("read", info.nbytes, torch.uint8)
-            t = _read_into(info, raw.view(torch_dtype(info.dtype)).view(info.shape))
+            t = read_tensor_into(info, raw.view(torch_dtype(info.dtype)).view(info.shape))
         else:
             t = read_tensor(info)
         nxt = self.next.get(info.name)

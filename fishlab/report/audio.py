@@ -35,7 +35,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from ..audio import DEFAULT_SR, _as_mono_numpy, audio_stats
+from ..audio import DEFAULT_SR, as_mono_numpy, audio_stats
 from .tables import HTML, note
 
 __all__ = ["WAV_SUBTYPE", "VMIN_DB", "VMAX_DB", "audio_player", "wav_data_uri", "spectrogram_db",
@@ -55,7 +55,7 @@ CMAP = "magma"
 
 def _playable(audio) -> tuple[np.ndarray, dict]:
     """Mono float32 samples ready to embed (non-finite -> 0, clipped to [-1, 1]) and what was changed."""
-    a = np.array(_as_mono_numpy(audio), dtype=np.float32, copy=True)
+    a = np.array(as_mono_numpy(audio), dtype=np.float32, copy=True)
     bad = ~np.isfinite(a)
     n_nonfinite = int(bad.sum())
     if n_nonfinite:
@@ -115,7 +115,7 @@ def audio_player(audio, sr: int = DEFAULT_SR, label: str | None = None, stats: b
 
 def _stft_mag(audio, n_fft: int, hop: int) -> np.ndarray:
     """|STFT| / (sum(window)/2), [n_fft//2 + 1, frames]; a full-scale sine peaks at 1 (0 dB)."""
-    a = np.nan_to_num(_as_mono_numpy(audio).astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    a = np.nan_to_num(as_mono_numpy(audio).astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     x = torch.from_numpy(np.ascontiguousarray(a))
     if x.numel() < n_fft:
         x = torch.nn.functional.pad(x, (0, n_fft - x.numel()))
@@ -128,7 +128,7 @@ def _stft_mag(audio, n_fft: int, hop: int) -> np.ndarray:
 def spectrogram_db(audio, sr: int = DEFAULT_SR, n_fft: int = N_FFT, hop: int = HOP) -> tuple[np.ndarray, float]:
     """(dB magnitudes [n_fft//2 + 1, frames] relative to a full-scale sine, duration in seconds)."""
     mag = _stft_mag(audio, n_fft, hop)
-    n = _as_mono_numpy(audio).size
+    n = as_mono_numpy(audio).size
     return 20 * np.log10(np.maximum(mag, 1e-12)), n / sr
 
 
@@ -275,7 +275,7 @@ def listening_grid(rows: Mapping[str, Mapping[str, object]], sr: int = DEFAULT_S
     key_rows = []
     for utt, clips in rows.items():
         cols = rng.sample(order, len(order)) if blind else order
-        durs = [_as_mono_numpy(c).size / sr for c in clips.values()]
+        durs = [as_mono_numpy(c).size / sr for c in clips.values()]
         dur = max(durs) if durs else None
         cells = [f'<td {_TD}><div style="max-width:16em">{html.escape(str(utt))}</div></td>']
         if ref:
