@@ -26,12 +26,13 @@ import torch
 
 from . import spec
 from .checkpoint import OutTensor, write_sharded
-from .config import ModelConfig, preset
+from .config import CODEC_CONFIG_FILE, ModelConfig, preset
 from .io import atomic_dir, write_json_atomic
 from .manifest import TensorSpec, codec_manifest, transformer_manifest
 from .model.codec_load import write_codec_pth
 
 DEMO_VERSION = 1
+DEMO_MARKER = "fishlab_demo.json"   # its presence marks a synthetic checkpoint
 SYNTHETIC_NOTE = ("These weights are SYNTHETIC (fishlab's demo checkpoint): heavy-tailed random weights in S2 Pro's "
                   "layout. Sizes, formats and error shapes are meaningful; the audio is noise.")
 
@@ -165,9 +166,9 @@ def build_demo_checkpoint(out_dir: str | Path, seed: int = 0, overwrite: bool = 
         write_sharded(tmp, tensors, n_shards=2, metadata={"format": "pt", "fishlab_demo": f"v{DEMO_VERSION}",
                                                           "seed": str(seed)})
         write_codec_pth({s.name: codec_tensor(s, seed) for s in codec_manifest(cfg.codec)}, tmp / spec.CODEC_FILE)
-        write_json_atomic(tmp / "codec_config.json", cfg.codec.to_json_dict())
+        write_json_atomic(tmp / CODEC_CONFIG_FILE, cfg.codec.to_json_dict())
         build_tokenizer(cfg).save(str(tmp / spec.TOKENIZER_FILE))
-        write_json_atomic(tmp / "fishlab_demo.json", {"version": DEMO_VERSION, "seed": seed, "synthetic": True,
+        write_json_atomic(tmp / DEMO_MARKER, {"version": DEMO_VERSION, "seed": seed, "synthetic": True,
                                                       "note": SYNTHETIC_NOTE})
     return out_dir
 
@@ -179,7 +180,7 @@ def cache_dir() -> Path:
 def demo_checkpoint(seed: int = 0) -> Path:
     """The demo checkpoint in fishlab's cache, built on first use (safe if two processes race)."""
     d = cache_dir() / f"demo-v{DEMO_VERSION}-seed{seed}"
-    if not (d / "fishlab_demo.json").exists():
+    if not (d / DEMO_MARKER).exists():
         try:
             build_demo_checkpoint(d, seed=seed)
         except FileExistsError:
@@ -188,7 +189,7 @@ def demo_checkpoint(seed: int = 0) -> Path:
 
 
 def is_synthetic(ckpt_dir: str | Path) -> bool:
-    return (Path(ckpt_dir) / "fishlab_demo.json").exists()
+    return (Path(ckpt_dir) / DEMO_MARKER).exists()
 
 
 def checkpoint_digest(ckpt_dir: str | Path) -> str:
