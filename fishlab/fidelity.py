@@ -396,8 +396,8 @@ def swapped_linears(model: nn.Module, donor: nn.Module, names: Sequence[str]) ->
         replace_linears(model, lambda name, old: saved[name], names=list(saved))
 
 
-def _as_model(m, dtype: torch.dtype | None, device) -> DualARTransformer:
-    if isinstance(m, DualARTransformer):
+def _as_model(m, dtype: torch.dtype | None, device) -> nn.Module:
+    if isinstance(m, nn.Module):                 # a DualARTransformer or a TextLM
         return m
     from .model.load import load_transformer
     return load_transformer(Path(m), device=device, dtype=dtype)

@@ -45,6 +45,31 @@ def linear_bits_per_weight(cfg, phase: Phase) -> float:
     return 8 * nbytes / sum(s.numel for s in specs)
 
 
+EVAL_ROUTE = ("dense: packed weights dequantized once at load (float32); teacher-forced evaluation runs "
+              "prefill-shaped matmuls of hundreds of tokens, where the weight-only kernels (built for decode) are "
+              "many times slower than a dense matmul; the values are the packed model's, dequant(quant(W))")
+
+
+def dense_for_eval(model: TextLM) -> TextLM:
+    """The model for teacher-forced evaluation: every QuantizedLinear replaced (in place) by an nn.Linear holding
+    exactly its dequantized weight in float32 (see EVAL_ROUTE; the memory cost is a float32 model, 540 MB for
+    SmolLM2-135M)."""
+    import torch.nn as nn
+    from .model.dualar import replace_linears
+    from .quant.qlinear import QuantizedLinear
+
+    def dense(name: str, lin: nn.Module):
+        if not isinstance(lin, QuantizedLinear):
+            return None
+        out = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
+        out.weight = nn.Parameter(lin.dequantized_weight(torch.float32), requires_grad=False)
+        if lin.bias is not None:
+            out.bias = nn.Parameter(lin.bias.float(), requires_grad=False)
+        return out
+    replace_linears(model, dense)
+    return model.eval()
+
+
 def _tokenizer(ckpt: Path):
     from tokenizers import Tokenizer
     return Tokenizer.from_file(str(ckpt / "tokenizer.json"))
@@ -98,7 +123,7 @@ class TrainedTrack:
         return out
 
     def eval_info(self) -> dict:
-        return {"chunks": int(self.tokens.size(0)), "ctx": int(self.tokens.size(1)), "context": self.context,
+        return {"route": EVAL_ROUTE, "chunks": int(self.tokens.size(0)), "ctx": int(self.tokens.size(1)), "context": self.context,
                 "scored_tokens": int(self.base_out.slow_logp.size(0)), "text": textdata.text_info("evaluation"),
                 "base_ppl": math.exp(float(self.base_out.slow_nll.double().mean())),
                 "base_seconds": self.base_seconds}
@@ -114,6 +139,8 @@ class TrainedTrack:
         result = run_phase(self.ckpt, phase, self.work_dir / "trained", overwrite=overwrite)
         summary = phase_summary(result, phase, self.ckpt)
         model = load_transformer(result["path"], dtype=torch.float32)
+        weight_bytes = model_weight_bytes(model)["total"]          # packed, as loaded
+        dense_for_eval(model)
         t0 = time.perf_counter()
         fid = fidelity_report(self.base, model, self.tokens, self.context, base_out=self.base_out)
         seconds = time.perf_counter() - t0
@@ -128,11 +155,12 @@ class TrainedTrack:
             "size": {"measured_bytes": summary["sizes"]["measured_bytes"],
                      "bf16_layout_bytes": est.transformer_bytes,
                      "bf16_base_bytes": bf16_estimate(cfg, codec_dtype=None).transformer_bytes,
-                     "weight_bytes_in_memory": model_weight_bytes(model)["total"]},
+                     "weight_bytes_in_memory": weight_bytes},
             "errors": {k: summary["errors"][k] for k in ("tensors", "rel_fro_mean", "snr_db_mean", "cosine_min",
                                                          "zero_fraction_mean")},
             "fidelity": {k: v for k, v in fid.items() if k != "method"},
-            "eval_seconds": seconds, "quantize_seconds": result.get("seconds"), "reused": result["reused"],
+            "eval_seconds": seconds, "eval_route": EVAL_ROUTE, "quantize_seconds": result.get("seconds"),
+            "reused": result["reused"],
             "continuations": cont,
         }
 
@@ -140,8 +168,8 @@ class TrainedTrack:
         """Which layers hurt: the base with only one group of layers taken from the phase's quantized model, for
         n_groups contiguous groups of layers (the phase must have been evaluated or is quantized now)."""
         from .workbook import run_phase
-        path = run_phase(self.ckpt, phase, self.work_dir / "trained")["path"]
-        q = load_transformer(path, dtype=torch.float32)
+        q = dense_for_eval(load_transformer(run_phase(self.ckpt, phase, self.work_dir / "trained")["path"],
+                                            dtype=torch.float32))
         rows = kl_by_layer_group(self.base, q, self.tokens, self.context,
                                  default_layer_groups(self.base.cfg, n_groups), base_out=self.base_out)
         return [dict({k: v for k, v in r.items() if k != "linears"}, phase=phase.name) for r in rows]
@@ -172,3 +200,70 @@ def llamacpp_anchors() -> dict:
     """llama.cpp's published Llama-3-8B mean KL per GGUF type (fishlab/data/llamacpp_kld.yaml)."""
     import yaml
     return yaml.safe_load((Path(__file__).resolve().parent / "data" / "llamacpp_kld.yaml").read_text())
+
+
+# ----------------------------------------------------------------------------------------------------
+# the whole track, as the 15_trained_model report runs it
+# ----------------------------------------------------------------------------------------------------
+
+RESULTS_FILE = "trained_model.json"      # run-wide side file, read by the summary
+
+
+def _scheme_key(phase: Phase) -> tuple:
+    return (phase.method, phase.bits, phase.group_size, phase.scale_dtype)
+
+
+def run_track(work_dir: str | Path, phases: list[Phase], n_chunks: int = DEFAULT_CHUNKS, ctx: int = DEFAULT_CTX,
+              sensitivity_phase: str | None = "1b", sensitivity_groups: int = 6, bf16: bool = True,
+              ckpt: str | Path | None = None, progress=None) -> dict:
+    """Every phase on the trained proxy (phases whose scheme is the same on a text LM - e.g. 1b and 2a, whose
+    targets differ only on S2 Pro's fast AR - are quantized and measured once), the layer sensitivity of one
+    phase, and the bf16 check. Returns the data of trained_model.json."""
+    track = TrainedTrack.open(work_dir, ckpt, n_chunks, ctx)
+    rows, done = [], {}
+    for ph in phases:
+        if progress:
+            progress(f"trained model: phase {ph.name}")
+        key = _scheme_key(ph)
+        if key in done:
+            row = dict(done[key], phase=ph.to_dict(), label=ph.label, same_as=done[key]["phase"]["name"])
+            track.continuations[ph.name] = row["continuations"]
+        else:
+            row = done[key] = track.evaluate(ph)
+        rows.append(row)
+    by_name = {p.name: p for p in phases}
+    sens = []
+    if sensitivity_phase and sensitivity_phase in by_name:
+        if progress:
+            progress(f"trained model: layer sensitivity of {sensitivity_phase}")
+        sens = track.sensitivity(by_name[sensitivity_phase], sensitivity_groups)
+    cfg = track.base.cfg
+    from .trained import gguf_provenance
+    return {
+        "model": {"checkpoint": str(track.ckpt), "provenance": gguf_provenance(track.ckpt),
+                  "architecture": {k: getattr(cfg, k) for k in ("architecture", "n_layer", "dim", "intermediate_size",
+                                                                "n_head", "n_local_heads", "head_dim", "vocab_size",
+                                                                "rope_base", "norm_eps", "max_seq_len")},
+                  "params": sum(p.numel() for p in track.base.parameters())},
+        "evaluation": track.eval_info(),
+        "base_continuations": track.continuations["base"],
+        "phases": rows,
+        "sensitivity": {"phase": sensitivity_phase if sens else None, "rows": sens},
+        "bf16_check": track.bf16_check() if bf16 else None,
+        "llamacpp": llamacpp_anchors(),
+        "format": "fishlab trained_model v1",
+    }
+
+
+def phase_table(data: dict) -> list[dict]:
+    """One flat row per phase for tables and all_results.json."""
+    out = []
+    for r in data["phases"]:
+        f = r["fidelity"]
+        out.append({"phase": r["phase"]["name"], "label": r["label"], "same_as": r.get("same_as"),
+                    "bits_per_weight": r["bits_per_weight"], "size_bytes": r["size"]["measured_bytes"],
+                    "bf16_layout_bytes": r["size"]["bf16_layout_bytes"], "rel_fro": r["errors"]["rel_fro_mean"],
+                    "kl_mean": f["slow_kl_mean"], "kl_median": f["slow_kl_median"], "kl_p99": f["slow_kl_p99"],
+                    "top1": f["slow_top1"], "ln_ppl_ratio": f["slow_ln_ppl_ratio"], "ppl": f["slow_ppl"],
+                    "continuation": next(iter(r["continuations"].values()), "")})
+    return out

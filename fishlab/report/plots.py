@@ -180,3 +180,42 @@ def pareto(points: list[tuple[float, float]], labels: list[str], front: list[int
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def kl_vs_bits(rows: list[dict], anchors: dict | None = None,
+               title: str = "Trained model: KL vs stored bits per weight") -> plt.Figure:
+    """fishlab phases (bits_per_weight, kl_mean, phase) as points; llama.cpp's published per-type mean KL
+    (anchors['types']: name, bpw, kl_mean) as grey context markers. Log KL axis."""
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    pts = [r for r in rows if r.get("kl_mean") and r["kl_mean"] > 0]
+    ax.scatter([r["bits_per_weight"] for r in pts], [r["kl_mean"] for r in pts], color="#4c72b0", zorder=3,
+               label="fishlab phases on the trained proxy")
+    for r in pts:
+        ax.annotate(r["phase"], (r["bits_per_weight"], r["kl_mean"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    if anchors:
+        t = anchors["types"]
+        ax.scatter([a["bpw"] for a in t], [a["kl_mean"] for a in t], marker="x", color="#888", zorder=2,
+                   label=f"llama.cpp, {anchors['model']} (context)")
+        for a in t:
+            ax.annotate(a["name"], (a["bpw"], a["kl_mean"]), textcoords="offset points", xytext=(4, -10),
+                        fontsize=7, color="#666")
+    ax.set_yscale("log")
+    ax.set_xlabel("stored bits per quantized weight (scales included)")
+    ax.set_ylabel("mean KL(base || phase), nats/token")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def group_bars(rows: list[dict], key: str = "slow_kl_mean", title: str = "Only this group quantized") -> plt.Figure:
+    """One bar per layer group (rows: group, <key>): which layers hurt."""
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    ax.bar([r["group"] for r in rows], [r[key] for r in rows], color="#4c72b0")
+    ax.set_ylabel(key.replace("_", " "))
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=30, labelsize=8)
+    fig.tight_layout()
+    return fig
