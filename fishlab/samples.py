@@ -15,7 +15,7 @@ import resource
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,12 +26,20 @@ from .audio import audio_stats, read_audio, write_wav
 from .io import atomic_path, write_json_atomic
 
 KINDS = ("tts", "clone")
+DEFAULT_UTTERANCES = 2
+
+
+def utterance_text(tts_text: str | None = None, utterances: int = DEFAULT_UTTERANCES) -> str:
+    """What the listening reports speak: `tts_text`, or else the first `utterances` Harvard sentences (IEEE 1969,
+    `fishlab.textdata`) as one text; it is also the reference of their word error rate."""
+    from .textdata import harvard_sentences
+    return tts_text or " ".join(harvard_sentences(utterances))
 
 
 @dataclass(frozen=True)
 class SampleSettings:
     """What a sample depends on; two runs with equal settings share cached base samples."""
-    text: str = spec.NARRATION
+    text: str = field(default_factory=utterance_text)
     reference_text: str = spec.NARRATION
     reference_wav: str | None = None       # a user-given reference; None = made once by the base model
     seed: int = 0

@@ -142,17 +142,56 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 def collect_results(output_dir: str | Path) -> dict:
     """all_results.json: every phase's summary, the size analysis if present, and the Pareto set of
     (measured size, mean relative error)."""
+    from .trained_track import phase_table
     out = Path(output_dir)
     phases = load_phase_results(out)
     sa = out / "size_analysis.json"
     pts = [(p["sizes"]["measured_bytes"], p["errors"]["rel_fro_mean"]) for p in phases]
+    trained = load_trained_results(out)
+    if trained:
+        rows = {r["phase"]: r for r in phase_table(trained)}
+        for p in phases:
+            if p["phase"]["name"] in rows:
+                p["trained"] = rows[p["phase"]["name"]]
+        trained = {"model": trained["model"], "evaluation": trained["evaluation"], "phases": list(rows.values()),
+                   "sensitivity": trained["sensitivity"], "bf16_check": trained["bf16_check"]}
     return {
         "phases": {p["phase"]["name"]: p for p in phases},
         "pareto_size_vs_weight_error": [phases[i]["phase"]["name"] for i in pareto_front(pts)],
         "size_analysis": json.loads(sa.read_text()) if sa.exists() else None,
         "synthetic": any(p["synthetic"] for p in phases),
-        "format": "fishlab all_results v1",
+        "trained_model": trained,
+        "format": "fishlab all_results v2",
     }
+
+
+def kl_points(results: dict) -> dict:
+    """The size-vs-KL chart's data: (S2 Pro predicted GB, KL) per phase. On a synthetic S2 Pro checkpoint the KL
+    of random weights means little, so the trained-model KL is used where the phase ran on it; otherwise S2 Pro's
+    teacher-forced KL (slow + fast mean)."""
+    phases = list(results["phases"].values())
+    use_trained = results["synthetic"] and any("trained" in p for p in phases)
+    pts, names = [], []
+    for p in phases:
+        if use_trained and "trained" in p:
+            y = p["trained"]["kl_mean"]
+        elif not use_trained and "listening" in p:
+            y = p["listening"]["slow_kl_mean"] + p["listening"]["fast_kl_mean"]
+        else:
+            continue
+        pts.append((p["sizes"]["s2pro_predicted_total_gb"], y))
+        names.append(p["phase"]["name"])
+    label = ("mean KL on the trained proxy model (S2 Pro weights here are synthetic)" if use_trained
+             else "teacher-forced KL (slow + fast mean)")
+    return {"points": pts, "names": names, "ylabel": label, "trained": use_trained}
+
+
+def wer_ranking(results: dict) -> list[dict]:
+    """Phases with a measured word error rate, best (lowest tts WER) first."""
+    rows = [dict(phase=p["label"], **{k: p["listening"].get(k) for k in ("wer_tts", "cer_tts", "wer_clone",
+                                                                           "cer_clone", "wer_base_tts", "asr")})
+            for p in results["phases"].values() if "listening" in p and "wer_tts" in p["listening"]]
+    return sorted(rows, key=lambda r: (r["wer_tts"], r["wer_clone"] if r["wer_clone"] is not None else math.inf))
 
 
 def write_all_results(output_dir: str | Path) -> tuple[Path, dict]:
@@ -203,7 +242,8 @@ def phase_listening(src: Path, quantized: Path, phase: Phase, settings, output_d
     out = {"reference": ref, "base": base, "samples": mine, "fidelity": fid, "kl_by_layer_group": groups,
            "weight_bytes": weights, "base_weight_bytes": base_weights, "settings": settings.key(str(src)),
            "wer": word_error(asr_model, settings.text, {"base_tts": base["tts"]["wav"], "tts": mine["tts"]["wav"],
-                                                       "clone": mine["clone"]["wav"]})}
+                                                       "clone": mine["clone"]["wav"],
+                                                       "base_clone": base["clone"]["wav"]})}
     if speaker:
         emb = lambda p: _speaker_embedding(p, codec.sample_rate, cache=Path(p).parent != audio_dir)  # noqa: E731
         with S.threads_for(model):
@@ -241,7 +281,10 @@ def listening_summary(listening: dict) -> dict:
     f = listening["fidelity"]
     s = listening.get("speaker") or {}
     gen = listening["samples"]["tts"]
-    return {"slow_kl_mean": f["slow_kl_mean"], "slow_kl_p99": f["slow_kl_p99"], "slow_top1": f["slow_top1"],
+    clips = listening["wer"]["clips"]
+    rates = {f"{k}_{c}": clips[c][k] for c in ("tts", "clone", "base_tts") if c in clips for k in ("wer", "cer")}
+    return {**rates, "asr": listening["wer"]["recognizer"],
+            "slow_kl_mean": f["slow_kl_mean"], "slow_kl_p99": f["slow_kl_p99"], "slow_top1": f["slow_top1"],
             "fast_kl_mean": f["fast_kl_mean"], "fast_top1": f["fast_top1"],
             "frames_per_s": gen["frames_per_s"], "real_time_factor": gen["real_time_factor"],
             "peak_rss_bytes": max(x["peak_rss_bytes"] for x in listening["samples"].values()),
@@ -257,11 +300,50 @@ def listening_rows(output_dir: str | Path) -> tuple[dict, list, bool]:
     if not results:
         raise RuntimeError(f"no phase results with samples in {output_dir}: run the 10_phase reports with tts")
     first = results[0]["listening_detail"]
-    rows = {"narration (tts)": {"base": first["base"]["tts"]["wav"]},
-            "narration (clone)": {"reference": first["reference"]["wav"], "base": first["base"]["clone"]["wav"]}}
+    rows = {"speech (tts)": {"base": first["base"]["tts"]["wav"]},
+            "speech (clone)": {"reference": first["reference"]["wav"], "base": first["base"]["clone"]["wav"]}}
     for r in results:
         s = r["listening_detail"]["samples"]
-        rows["narration (tts)"][r["phase"]["name"]] = s["tts"]["wav"]
-        rows["narration (clone)"][r["phase"]["name"]] = s["clone"]["wav"]
+        rows["speech (tts)"][r["phase"]["name"]] = s["tts"]["wav"]
+        rows["speech (clone)"][r["phase"]["name"]] = s["clone"]["wav"]
     order = ["reference", "base"] + [r["phase"]["name"] for r in results]
     return rows, order, any(r["synthetic"] for r in results)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the trained-model track (issue 9): every phase on the trained proxy model
+# ----------------------------------------------------------------------------------------------------
+
+def trained_model_results(output_dir: str | Path, work_dir: str | Path | None = None,
+                          phases: list[str] | None = None, params_dir: str | Path | None = None,
+                          **kwargs) -> dict:
+    """Run `trained_track.run_track` over the named phases (None: every phase file) and write its data to
+    <output_dir>/trained_model.json (atomically); returns the data."""
+    from .phases import load_phase, load_phases
+    from .trained_track import RESULTS_FILE, run_track
+    chosen = load_phases(params_dir) if phases is None else [load_phase(p, params_dir) for p in phases]
+    data = run_track(Path(work_dir or Path(output_dir) / "checkpoints"), chosen, **kwargs)
+    write_json_atomic(Path(output_dir) / RESULTS_FILE, data)
+    return data
+
+
+def trained_model_intro(data: dict) -> str:
+    m, e = data["model"], data["evaluation"]
+    return (f"**{m['provenance']['model']}** ({m['params'] / 1e6:.1f}M parameters, `{m['provenance']['file']}`), "
+            f"evaluated on {e['chunks']} chunks of {e['ctx']} tokens of CPython's documentation "
+            f"({e['text']['topics']} pydoc topics, Python {e['text']['python']}; calibration text is a disjoint "
+            f"set of topics): the first {e['context']} tokens of each chunk are context, the "
+            f"{e['scored_tokens']} positions after them are scored. Base perplexity **{e['base_ppl']:.2f}**.")
+
+
+def continuation_rows(data: dict) -> list[dict]:
+    """[{model, <prompt>: continuation, ...}] for the base and every phase."""
+    rows = [{"model": "base", **data["base_continuations"]}]
+    rows += [{"model": r["label"], **r["continuations"]} for r in data["phases"]]
+    return rows
+
+
+def load_trained_results(output_dir: str | Path) -> dict | None:
+    from .trained_track import RESULTS_FILE
+    p = Path(output_dir) / RESULTS_FILE
+    return json.loads(p.read_text()) if p.exists() else None
