@@ -60,22 +60,23 @@ under "run-wide files". Files older than the report's execution are flagged stal
 """
 from __future__ import annotations
 from .classify import MARKER_TAG
-from .driver import run
+from .driver import run, status
 from .execute import KERNEL_NAME, PROGRESS_TTY_ENV
 from .index import render_index
 from .notebooks import check_notebook_clean, strip_outputs, tqdm_kwargs
-from .plan import INJECTED_KEYS, Report, RunnerError, RunPlan, discover_phases, load_yaml, plan_run
+from .plan import (EXECUTORS, INJECTED_KEYS, Report, RunnerError, RunPlan, discover_phases, load_yaml, plan_run,
+                   report_name_for)
 from .render import render_html, strip_external_resources
-from .results import (FAILURE_STATUSES, RUN_STATUS_FILE, STATUS_DEAD, STATUS_FAILED, STATUS_INTERRUPTED,
-                      STATUS_NOT_RUN, STATUS_OK, STATUS_QUEUED, STATUS_RUNNING, STATUS_TIMEOUT, ReportResult,
-                      RunResult)
+from .results import (FAILURE_STATUSES, RUN_STATUS_FILE, STATUS_CANCELLED, STATUS_DEAD, STATUS_FAILED,
+                      STATUS_INTERRUPTED, STATUS_NOT_RUN, STATUS_OK, STATUS_PREEMPTED, STATUS_QUEUED, STATUS_RUNNING,
+                      STATUS_TIMEOUT, ReportResult, RunResult)
 
 __all__ = [
     "RunnerError", "Report", "RunPlan", "ReportResult", "RunResult",
-    "load_yaml", "discover_phases", "plan_run", "run",
+    "load_yaml", "discover_phases", "plan_run", "run", "status", "report_name_for",
     "tqdm_kwargs", "strip_outputs", "check_notebook_clean",
     "STATUS_OK", "STATUS_FAILED", "STATUS_TIMEOUT", "STATUS_DEAD", "STATUS_RUNNING", "STATUS_QUEUED",
-    "STATUS_INTERRUPTED", "STATUS_NOT_RUN", "FAILURE_STATUSES",
+    "STATUS_INTERRUPTED", "STATUS_NOT_RUN", "STATUS_CANCELLED", "STATUS_PREEMPTED", "FAILURE_STATUSES", "EXECUTORS",
     "INJECTED_KEYS", "RUN_STATUS_FILE", "PROGRESS_TTY_ENV", "KERNEL_NAME", "MARKER_TAG",
     "render_html", "render_index", "strip_external_resources",
 ]

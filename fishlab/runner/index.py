@@ -1,22 +1,12 @@
 """Stage 5, index: side files assigned to reports, run.json and index.html (rewritten after every change)."""
 from __future__ import annotations
 
-import datetime as _dt
 import html as _html
 import time
 import urllib.parse
 
 from ..io import write_json_atomic, write_text_atomic
-from .results import RUN_STATUS_FILE, STATUS_RUNNING, RunResult, first_line
-
-
-def _iso_to_ts(s: str | None) -> float | None:
-    if not s:
-        return None
-    try:
-        return _dt.datetime.fromisoformat(s).timestamp()
-    except ValueError:
-        return None
+from .results import RUN_STATUS_FILE, STATUS_RUNNING, RunResult, first_line, iso_to_ts
 
 
 def assign_side_files(result: RunResult) -> None:
@@ -26,7 +16,7 @@ def assign_side_files(result: RunResult) -> None:
     by_name = sorted(result.reports, key=lambda r: -len(r.name))   # longest prefix first
     windows = []
     for r in result.reports:
-        a, b = _iso_to_ts(r.started), _iso_to_ts(r.finished)
+        a, b = iso_to_ts(r.started), iso_to_ts(r.finished)
         if r.name in result.executed and a is not None:
             windows.append((r, a, b if b is not None else time.time()))
     for r in result.reports:
@@ -42,7 +32,7 @@ def assign_side_files(result: RunResult) -> None:
             if owner is None:
                 other.append({"name": p.name, "stale": True})
             continue
-        start = _iso_to_ts(owner.started)
+        start = iso_to_ts(owner.started)
         stale = owner.name not in result.executed or start is None or mtime < start
         owner.side_files.append({"name": p.name, "stale": bool(stale)})
     result.other_files = other
@@ -63,6 +53,7 @@ td.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}
 .s-ok{background:#dafbe1;color:#1a7f37} .s-failed,.s-interrupted{background:#ffebe9;color:#b42318}
 .s-timeout{background:#fff4d6;color:#9a6700} .s-dead-kernel{background:#f3e8fd;color:#6e1fb4}
 .s-running{background:#ddf4ff;color:#0969da} .s-queued,.s-not-run{background:#eaeef2;color:#57606a}
+.s-cancelled,.s-preempted{background:#eaeef2;color:#24292f;border:1px solid #8c959f}
 pre{white-space:pre-wrap;margin:.3em 0 0;font-size:.85em;background:#f6f8fa;padding:.4em;border-radius:4px}
 .stale{color:#8c959f} .prev{color:#8c959f;font-size:.85em} a{color:#0969da}
 ul.files{margin:0;padding-left:1.1em}
@@ -87,6 +78,11 @@ def render_index(result: RunResult) -> str:
         cls = "s-" + r.status.replace(" ", "-")
         dur = f"{r.duration_s:.1f} s" if r.duration_s is not None else ""
         links = " &middot; ".join(x for x in (_link(r.html, "html"), _link(r.ipynb, "ipynb")) if x)
+        if r.job:
+            j = r.job
+            logs = " ".join(x for x in (_link(j.get("stdout"), "stdout"), _link(j.get("stderr"), "stderr")) if x)
+            links += (f'<div class="prev">{e(j.get("executor", ""))} job {e(str(j.get("id", "")))}'
+                      f'{" " + logs if logs else ""}</div>')
         files = ""
         if r.side_files:
             items = []
@@ -123,7 +119,7 @@ def render_index(result: RunResult) -> str:
 <style>{_INDEX_CSS}</style></head>
 <body>
 <h1>fishlab run <code>{e(result.run_name)}</code> <span class="badge {run_cls}">{e(result.status)}</span></h1>
-<div class="meta">params: <code>{e(str(result.params_file))}</code> &middot; started {e(result.started or "")}
+<div class="meta">params: <code>{e(str(result.params_file))}</code> &middot; executor {e(result.executor)} &middot; started {e(result.started or "")}
 {("&middot; finished " + e(result.finished)) if result.finished else ""} &middot; {e(summary)}
 &middot; {_link(RUN_STATUS_FILE, RUN_STATUS_FILE)}</div>
 <table>

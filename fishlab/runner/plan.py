@@ -3,13 +3,15 @@ Nothing is executed; every user error is a RunnerError raised here, before any k
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from ..phases import PhaseError, phase_files
+from .resources import ResourceError, check_resources, report_resources
 
 INJECTED_KEYS = ("output_dir", "report_name", "params_dir", "show_progress")
+EXECUTORS = ("local", "slurm", "submitit-local")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -26,6 +28,8 @@ class Report:
     notebook_path: Path
     parameters: dict[str, Any]    # everything papermill injects, incl. the runner-injected keys
     phase: str | None = None
+    needs: list[str] = field(default_factory=list)          # reports that must end first (all earlier ones)
+    resources: dict[str, Any] = field(default_factory=dict)  # what its job asks for (fishlab.runner.resources)
 
 
 @dataclass
@@ -36,6 +40,16 @@ class RunPlan:
     run_dir: Path
     reports: list[Report]         # every report of the run file, in order
     selected: list[str]           # names to execute (all unless `only`)
+    executor: str | None = None   # run.executor of the run file, None when it does not say
+
+
+def report_name_for(notebook: str, phase: str | None = None, given: str | None = None) -> str:
+    """A report's name: `given` when set, else `<notebook>-<phase>` for a phase's report and the notebook's own
+    name otherwise. The runner names its reports so; a notebook run by plain papermill calls it to name its
+    side files the same way (`papermill 10_phase.ipynb out.ipynb -f params/2c.yaml` -> 10_phase-2c.*)."""
+    if given:
+        return str(given)
+    return f"{notebook}-{phase}" if phase else notebook
 
 
 def load_yaml(path: str | Path) -> Any:
@@ -120,9 +134,16 @@ def plan_run(params_file: str | Path, run_name: str | None = None, notebooks_dir
     _check_params(shared, where)
     if not isinstance(spec, dict):
         raise RunnerError(f"{where}: 'run' must be a mapping with 'name' and 'notebooks'")
-    unknown = set(spec) - {"name", "notebooks"}
+    unknown = set(spec) - {"name", "notebooks", "executor", "resources"}
     if unknown:
         raise RunnerError(f"{where}: unknown key(s) under 'run': {', '.join(sorted(map(str, unknown)))}")
+    executor = spec.get("executor")
+    if executor is not None and executor not in EXECUTORS:
+        raise RunnerError(f"{where}: run.executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    try:
+        run_resources = check_resources(spec.get("resources"), f"{where}: run")
+    except ResourceError as e:
+        raise RunnerError(str(e)) from None
 
     name = run_name if run_name is not None else spec.get("name", params_file.stem)
     name = str(name)
@@ -147,7 +168,7 @@ def plan_run(params_file: str | Path, run_name: str | None = None, notebooks_dir
             entry = {"notebook": entry}
         if not isinstance(entry, dict) or "notebook" not in entry:
             raise RunnerError(f"{ewhere}: expected a mapping with a 'notebook' key")
-        unknown = set(entry) - {"notebook", "parameters", "for_each_phase"}
+        unknown = set(entry) - {"notebook", "parameters", "for_each_phase", "needs", "resources"}
         if unknown:
             raise RunnerError(f"{ewhere}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
         nb = entry["notebook"]
@@ -164,6 +185,16 @@ def plan_run(params_file: str | Path, run_name: str | None = None, notebooks_dir
         each = entry.get("for_each_phase", False)
         if not isinstance(each, bool):
             raise RunnerError(f"{ewhere}: 'for_each_phase' must be true or false")
+        needs = entry.get("needs") or []
+        if isinstance(needs, str):
+            needs = [needs]
+        if not isinstance(needs, list) or not all(isinstance(x, str) for x in needs):
+            raise RunnerError(f"{ewhere}: 'needs' must be a list of notebook or report names")
+        try:
+            res = report_resources(each, run_resources, check_resources(entry.get("resources"), ewhere))
+        except ResourceError as e:
+            raise RunnerError(str(e)) from None
+        needs = _expand_names(needs, reports, f"{ewhere}: needs", "earlier reports")
 
         if each:
             if phases is None:
@@ -172,9 +203,11 @@ def plan_run(params_file: str | Path, run_name: str | None = None, notebooks_dir
                 raise RunnerError(f"{ewhere}: for_each_phase but no phase files (YAML with a 'phase' key) "
                                   f"in {params_dir}")
             for ph, (_, pkeys) in phases.items():
-                reports.append(Report(f"{nb}-{ph}", nb, nb_path, {**shared, **pkeys, **eparams}, phase=ph))
+                reports.append(Report(report_name_for(nb, ph), nb, nb_path, {**shared, **pkeys, **eparams}, phase=ph,
+                                      needs=needs, resources=dict(res)))
         else:
-            reports.append(Report(nb, nb, nb_path, {**shared, **eparams}))
+            reports.append(Report(report_name_for(nb), nb, nb_path, {**shared, **eparams}, needs=needs,
+                                  resources=res))
 
     seen: set[str] = set()
     for r in reports:
@@ -187,20 +220,24 @@ def plan_run(params_file: str | Path, run_name: str | None = None, notebooks_dir
 
     selected = [r.name for r in reports]
     if only:
-        only = list(only)
-        names = {r.name for r in reports}
-        by_nb: dict[str, list[str]] = {}
-        for r in reports:
-            by_nb.setdefault(r.notebook, []).append(r.name)
-        pick: set[str] = set()
-        for o in only:
-            o = o.removesuffix(".ipynb")
-            if o in names:
-                pick.add(o)
-            elif o in by_nb:
-                pick.update(by_nb[o])
-            else:
-                raise RunnerError(f"unknown report '{o}'; this run has: {', '.join(r.name for r in reports)}")
-        selected = [r.name for r in reports if r.name in pick]
-    return RunPlan(name, params_file.resolve(), params_dir, run_dir, reports, selected)
+        selected = _expand_names(list(only), reports, "unknown report", "this run has")
+    return RunPlan(name, params_file.resolve(), params_dir, run_dir, reports, selected, executor)
+
+
+def _expand_names(names: list[str], reports: list[Report], what: str, among: str) -> list[str]:
+    """Report names (or notebook names, meaning all their reports) -> report names, in run order."""
+    by_nb: dict[str, list[str]] = {}
+    for r in reports:
+        by_nb.setdefault(r.notebook, []).append(r.name)
+    known = {r.name for r in reports}
+    pick: set[str] = set()
+    for o in names:
+        o = o.removesuffix(".ipynb")
+        if o in known:
+            pick.add(o)
+        elif o in by_nb:
+            pick.update(by_nb[o])
+        else:
+            raise RunnerError(f"{what} '{o}'; {among}: {', '.join(r.name for r in reports) or 'none'}")
+    return [r.name for r in reports if r.name in pick]
 

@@ -16,7 +16,11 @@ STATUS_RUNNING = "running"
 STATUS_QUEUED = "queued"
 STATUS_INTERRUPTED = "interrupted"
 STATUS_NOT_RUN = "not run"
-FAILURE_STATUSES = (STATUS_FAILED, STATUS_TIMEOUT, STATUS_DEAD, STATUS_INTERRUPTED)
+STATUS_CANCELLED = "cancelled"      # a job cancelled by the scheduler or a user (scancel)
+STATUS_PREEMPTED = "preempted"      # a job preempted and not requeued
+FAILURE_STATUSES = (STATUS_FAILED, STATUS_TIMEOUT, STATUS_DEAD, STATUS_INTERRUPTED, STATUS_CANCELLED,
+                    STATUS_PREEMPTED)
+LIVE_STATUSES = (STATUS_QUEUED, STATUS_RUNNING)
 RUN_STATUS_FILE = "run.json"
 
 
@@ -34,7 +38,8 @@ class ReportResult:
     reason: dict | None = None                # {"type", "message", "cell_index", "execution_count", "tail"}
     warnings: list[str] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)
-    previous: bool = False                    # carried over from an earlier run (not selected by `only`)
+    previous: bool = False                    # carried over from an earlier run (not selected, or kept ok)
+    job: dict | None = None                   # {"executor", "id", "folder", "stdout", "stderr", "state"} of a job
 
     @property
     def ok(self) -> bool:
@@ -56,6 +61,7 @@ class RunResult:
     finished: str | None = None
     other_files: list[dict] = field(default_factory=list)
     show_code: bool = False
+    executor: str = "local"
 
     @property
     def ok(self) -> bool:
@@ -84,15 +90,34 @@ class RunResult:
             "started": self.started,
             "finished": self.finished,
             "show_code": self.show_code,
+            "executor": self.executor,
             "executed": list(self.executed),
             "reports": [r.to_dict() for r in self.reports],
             "other_files": self.other_files,
         }
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunResult":
+        """The inverse of to_dict (run.json as written; reports keep their status, live ones included)."""
+        return cls(d["run"], Path(d["run_dir"]), Path(d["params_file"]),
+                   [result_from_dict(r, keep_live=True) for r in d.get("reports", [])], list(d.get("executed", [])),
+                   status=d.get("status", STATUS_RUNNING), started=d.get("started"), finished=d.get("finished"),
+                   other_files=list(d.get("other_files", [])), show_code=bool(d.get("show_code")),
+                   executor=d.get("executor") or "local")
+
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
+
+def iso_to_ts(s: str | None) -> float | None:
+    """A timestamp written by now() -> seconds since the epoch (None when absent or unreadable)."""
+    if not s:
+        return None
+    try:
+        return _dt.datetime.fromisoformat(s).timestamp()
+    except ValueError:
+        return None
 
 
 def first_line(s: Any) -> str:
@@ -100,18 +125,29 @@ def first_line(s: Any) -> str:
     return s.splitlines()[0] if s else ""
 
 
-def read_previous(run_dir: Path) -> dict[str, dict]:
+def read_run_json(run_dir: Path) -> dict | None:
+    """run.json of a run folder, or None when there is none (or it cannot be read)."""
     try:
         data = json.loads((run_dir / RUN_STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_previous(run_dir: Path) -> dict[str, dict]:
+    data = read_run_json(run_dir) or {}
+    try:
         return {r["name"]: r for r in data.get("reports", []) if isinstance(r, dict) and "name" in r}
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (TypeError, AttributeError):
         return {}
 
 
-def result_from_dict(d: dict) -> ReportResult:
+def result_from_dict(d: dict, keep_live: bool = False) -> ReportResult:
+    """A ReportResult from its run.json entry. A queued or running one becomes "not run" (an earlier run that
+    never finished) unless `keep_live` (its job may still be alive: the caller checks)."""
     names = {f.name for f in dataclasses.fields(ReportResult)}
     rr = ReportResult(**{k: v for k, v in d.items() if k in names})
-    if rr.status in (STATUS_RUNNING, STATUS_QUEUED):   # an earlier run that never finished
+    if rr.status in LIVE_STATUSES and not keep_live:
         rr.status = STATUS_NOT_RUN
     return rr
 
