@@ -237,6 +237,9 @@ def _finish(result: RunResult, echo) -> None:
     assign_side_files(result)
     write_status(result)
     bad = [r.name for r in ex if r.status != STATUS_OK]
+    if not ex:
+        echo(f"{result.run_name}: nothing to run, every report kept from the previous run -> {result.index_html}")
+        return
     echo(f"{result.run_name}: {len(ex) - len(bad)}/{len(ex)} ok" + (f", failed: {', '.join(bad)}" if bad else "")
          + f" -> {result.index_html}")
 
