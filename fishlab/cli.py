@@ -77,7 +77,7 @@ def add_status_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .runner import FAILURE_STATUSES, status
+    from .runner import FAILURE_STATUSES, STATUS_QUEUED, status
     from .runner.results import first_line
 
     result = status(args.run, args.renders_dir, wait=args.wait)
@@ -86,7 +86,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         job = f"job {r.job['id']}" if r.job else ""
         dur = f"{r.duration_s:.1f} s" if r.duration_s is not None else ""
         why = f"{r.reason.get('type')}: {first_line(r.reason.get('message'))}" if r.reason else ""
-        if r.status == "queued" and not r.job:
+        if r.status == STATUS_QUEUED and not r.job:
             why = "not submitted yet (its runner holds it until what it needs has ended)"
         print(f"{r.name:<{width}}  {r.status:<11}  {job:<14}  {dur:>9}  {why}".rstrip())
     print(f"{result.run_name}: {result.status} -> {result.index_html}")

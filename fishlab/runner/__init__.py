@@ -6,7 +6,9 @@
 The stages, one module each: `plan` (run file -> reports and their parameters), `execute` (one report through
 papermill in its own kernel), `classify` (why it stopped; the notebook marked to say so), `render` (notebook ->
 offline HTML), `index` (side files, run.json, index.html); `results` holds the statuses and result records,
-`driver` runs the stages over a plan, `notebooks` has the helpers notebooks and committed files need.
+`executors` is the seam where a report runs (here, or as a SLURM / local submitit job), `resources` what a job
+asks for, `driver` runs the stages over a plan (and `status` watches a run from any shell), `notebooks` has the
+helpers notebooks and committed files need.
 
 Params files (the contract)
 ---------------------------
@@ -23,6 +25,12 @@ Params files (the contract)
             parameters: {foo: 1}          # optional
           - notebook: 10_phase
             for_each_phase: true          # one report per phase file: 10_phase-<phase>
+          - notebook: 90_summary
+            needs: [10_phase]             # runs after these (notebook or report names of earlier entries)
+            resources: {mem_gb: 16}       # what its job asks for (fishlab.runner.resources); optional
+
+  `run:` may also say `executor: local|slurm|submitit-local` (the CLI's `--executor` wins) and `resources:`
+  for every report.
 
 Parameters of a report, later wins: shared keys < phase keys < entry `parameters` < `overrides` (the CLI's
 `--checkpoint`), plus the injected keys `output_dir` (absolute `renders/<run>/`), `report_name`, `params_dir`
@@ -31,10 +39,12 @@ set them. Every value must be a plain YAML type (null, bool, int, float, str, li
 
 Execution
 ---------
-- One papermill execution (one kernel process, kernel `python3`) per report, sequentially. The kernel's working
-  directory is the *project root*, i.e. the parent of the notebooks folder (`cwd=` overrides it), so relative
-  paths in notebooks mean what they mean on the command line at the repo root. The kernel's own stdout/stderr
-  (C-level writes, ipykernel warnings) go to a temp log whose tail is quoted when the kernel dies.
+- One papermill execution (one kernel process, kernel `python3`) per report: with the `local` executor in this
+  process, sequentially; with `slurm` / `submitit-local` in one job per report (fishlab.runner.executors), a
+  report held until what it `needs` has ended, `run.json` / `index.html` rewritten as jobs change state. The
+  kernel's working directory is the *project root*, i.e. the parent of the notebooks folder (`cwd=` overrides
+  it), so relative paths in notebooks mean what they mean on the command line at the repo root. The kernel's
+  own stdout/stderr (C-level writes, ipykernel warnings) go to a temp log whose tail is quoted when it dies.
 - `timeout` is papermill's per-cell `execution_timeout` in seconds (None: no limit).
 - Papermill marks an ordinary exception itself (red "An Exception was encountered" cell,
   `metadata.papermill.exception = true`). It does NOT mark a dead kernel (nbclient `DeadKernelError`) nor a cell
@@ -53,7 +63,7 @@ Outputs (all written atomically: temp file in the same folder + os.replace)
 `renders/<run>/<report>.ipynb` (executed, marked), `<report>.html` (nbconvert lab template, code hidden unless
 `show_code`, images embedded as base64, no CDN scripts: require.js / MathJax / mermaid / widget blocks are
 emptied and any remaining external <script src>/<link href> is stripped), `run.json` and `index.html`. Both are
-written at the start with the run "running" and rewritten after every report, so an interrupted run never
+written at the start with the run "running" and rewritten after every change, so an interrupted run never
 leaves an index that claims success. Side files: every `*.json` in the run folder except `run.json`; a file is
 listed next to report R when its name starts with `R.` or when it was written while R was running, otherwise
 under "run-wide files". Files older than the report's execution are flagged stale.

@@ -66,30 +66,9 @@ def run(params_file: str | Path, run_name: str | None = None, notebooks_dir: str
             tty = None
     ex = make_executor(kind, run_dir, kernel_cwd, show_code, timeout, start_timeout, tty)
 
-    previous = read_previous(run_dir)
     result = RunResult(plan.run_name, run_dir, plan.params_file, [], [], started=now(), show_code=show_code,
                        executor=kind)
-    todo: list[Report] = []
-    active: dict[str, Handle] = {}
-    for rep in plan.reports:
-        old = previous.get(rep.name)
-        rr = ReportResult(rep.name, rep.notebook, parameters=rep.parameters)
-        live = result_from_dict(old, keep_live=True) if old and old.get("status") in LIVE_STATUSES else None
-        h = ex.attach(live) if live is not None else None
-        if h is not None:               # submitted by an earlier invocation: watch it (and collect it if done)
-            rr = live
-            active[rep.name] = h
-        elif rep.name not in plan.selected or (resume and not only and _still_ok(old, rep, run_dir) and not any(
-                x in active or x in {r.name for r in todo} for x in rep.needs)):   # inputs about to change
-            if old:
-                rr = result_from_dict(old)
-                rr.previous = True
-            else:
-                rr.status = STATUS_NOT_RUN
-        else:
-            todo.append(rep)
-        result.reports.append(rr)
-    result.executed = [r.name for r in plan.reports if r.name in active or r in todo]
+    todo, active = _sort_out(plan, read_previous(run_dir), ex, resume and not only, result, echo)
     write_status(result)
     kept = [r.name for r in result.reports if r.previous and r.name in plan.selected]
     if kept:
@@ -159,6 +138,38 @@ class _Count:
         self.done = sum(r.status not in LIVE_STATUSES for r in ex)
 
 
+def _sort_out(plan, previous: dict[str, dict], ex, resume: bool, result: RunResult, echo):
+    """Each report of the plan into result.reports, as one of: to run (returned in `todo`); a job an earlier
+    invocation submitted, still live or not yet collected (watched, in `active`); carried over (not selected, or
+    with `resume` ok with the same parameters and nothing it needs about to run again)."""
+    todo: list[Report] = []
+    active: dict[str, Handle] = {}
+    for rep in plan.reports:
+        old = previous.get(rep.name)
+        rr = ReportResult(rep.name, rep.notebook, parameters=rep.parameters)
+        live = result_from_dict(old, keep_live=True) if old and old.get("status") in LIVE_STATUSES else None
+        h = ex.attach(live) if live is not None else None
+        if live is not None and live.job and h is None and rep.name in plan.selected:
+            echo(f"warning: {rep.name} has a {live.job.get('executor')} job {live.job.get('id')} from an earlier "
+                 f"run that may still be live; running it again with {ex.kind}")
+        rerun = {r.name for r in todo} | set(active)
+        if h is not None:
+            rr = live
+            active[rep.name] = h
+        elif rep.name not in plan.selected or (
+                resume and _still_ok(old, rep, plan.run_dir) and not rerun & set(rep.needs)):
+            if old:
+                rr = result_from_dict(old)
+                rr.previous = True
+            else:
+                rr.status = STATUS_NOT_RUN
+        else:
+            todo.append(rep)
+        result.reports.append(rr)
+    result.executed = [r.name for r in plan.reports if r.name in active or r in todo]
+    return todo, active
+
+
 def _drive(result: RunResult, todo: list[Report], active: dict[str, Handle], ex, echo, poll_s: float) -> None:
     waiting = list(todo)
     count = _Count(result)
@@ -181,7 +192,8 @@ def _drive(result: RunResult, todo: list[Report], active: dict[str, Handle], ex,
                 raise
             except Exception as e:      # noqa: BLE001 - e.g. sbatch refused the job: say so, go on
                 rr.status, rr.finished = STATUS_FAILED, now()
-                rr.reason = {"type": "SubmitError", "message": f"{type(e).__name__}: {first_line(e)}",
+                rr.reason = {"type": type(e).__name__,
+                             "message": f"the {ex.kind} executor could not run it: {first_line(e)}",
                              "cell_index": None, "execution_count": None, "tail": str(e)[-2000:]}
                 count.done += 1
                 echo(_ended_line(count, rr))

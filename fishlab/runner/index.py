@@ -119,7 +119,8 @@ def render_index(result: RunResult) -> str:
 <style>{_INDEX_CSS}</style></head>
 <body>
 <h1>fishlab run <code>{e(result.run_name)}</code> <span class="badge {run_cls}">{e(result.status)}</span></h1>
-<div class="meta">params: <code>{e(str(result.params_file))}</code> &middot; executor {e(result.executor)} &middot; started {e(result.started or "")}
+<div class="meta">params: <code>{e(str(result.params_file))}</code> &middot; executor {e(result.executor)}
+&middot; started {e(result.started or "")}
 {("&middot; finished " + e(result.finished)) if result.finished else ""} &middot; {e(summary)}
 &middot; {_link(RUN_STATUS_FILE, RUN_STATUS_FILE)}</div>
 <table>

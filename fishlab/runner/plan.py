@@ -28,7 +28,7 @@ class Report:
     notebook_path: Path
     parameters: dict[str, Any]    # everything papermill injects, incl. the runner-injected keys
     phase: str | None = None
-    needs: list[str] = field(default_factory=list)          # reports that must end first (all earlier ones)
+    needs: list[str] = field(default_factory=list)          # reports that must end first (earlier in the run)
     resources: dict[str, Any] = field(default_factory=dict)  # what its job asks for (fishlab.runner.resources)
 
 
