@@ -38,6 +38,15 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "for all its reports); the index keeps the others from the previous run")
     p.add_argument("--timeout", type=_positive_float, metavar="S",
                    help="per-cell execution timeout in seconds (default: none)")
+    from .runner.plan import EXECUTORS
+
+    p.add_argument("--executor", choices=EXECUTORS,
+                   help="where reports run: local (this process, one after another), slurm (one job per report, "
+                        "through submitit) or submitit-local (one subprocess job per report, on this machine); "
+                        "default: run.executor in the params file, else local")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the previous run's ok reports (same parameters) and run the rest "
+                        "(default: on for slurm and submitit-local, off for local)")
     p.add_argument("--notebooks-dir", default="notebooks", metavar="DIR", help="default: %(default)s")
     p.add_argument("--renders-dir", default="renders", metavar="DIR", help="default: %(default)s")
 
@@ -53,8 +62,36 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides["checkpoint"] = str(ckpt.resolve())
     result = run(args.params, run_name=args.run_name, notebooks_dir=args.notebooks_dir,
                  renders_dir=args.renders_dir, show_code=args.show_code, only=args.only,
-                 overrides=overrides, timeout=args.timeout)
+                 overrides=overrides, timeout=args.timeout, executor=args.executor, resume=args.resume)
     return 0 if result.ok else 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# fishlab status
+# ----------------------------------------------------------------------------------------------------
+
+def add_status_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="a run name (folder under --renders-dir) or a run folder")
+    p.add_argument("--renders-dir", default="renders", metavar="DIR", help="default: %(default)s")
+    p.add_argument("--wait", action="store_true", help="keep watching until every job has ended")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .runner import FAILURE_STATUSES, STATUS_QUEUED, status
+    from .runner.results import first_line
+
+    result = status(args.run, args.renders_dir, wait=args.wait)
+    width = max((len(r.name) for r in result.reports), default=0)
+    for r in result.reports:
+        job = f"job {r.job['id']}" if r.job else ""
+        dur = f"{r.duration_s:.1f} s" if r.duration_s is not None else ""
+        why = f"{r.reason.get('type')}: {first_line(r.reason.get('message'))}" if r.reason else ""
+        if r.status == STATUS_QUEUED and not r.job:
+            why = "not submitted yet (its runner holds it until what it needs has ended)"
+        print(f"{r.name:<{width}}  {r.status:<11}  {job:<14}  {dur:>9}  {why}".rstrip())
+    print(f"{result.run_name}: {result.status} -> {result.index_html}")
+    failed = any(r.status in FAILURE_STATUSES for r in result.reports if r.name in result.executed)
+    return 1 if failed else 0
 
 
 def _positive_float(s: str) -> float:
@@ -225,6 +262,7 @@ Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Na
 
 COMMANDS: dict[str, Command] = {
     "run": (add_run_arguments, cmd_run),
+    "status": (add_status_arguments, cmd_status),
     "quantize": (add_quantize_arguments, cmd_quantize),
     "sizes": (add_sizes_arguments, cmd_sizes),
     "tts": (add_tts_arguments, cmd_tts),
@@ -232,6 +270,7 @@ COMMANDS: dict[str, Command] = {
 
 HELP = {
     "run": "execute the workbook notebooks of a params file and render HTML reports",
+    "status": "a run's reports and jobs, without blocking: collects jobs that ended, rewrites its index",
     "quantize": "apply one phase to a checkpoint: a packed, loadable quantized checkpoint directory",
     "sizes": "the size table: every phase and GGUF type, from a config (no weights read)",
     "tts": "speak a text (optionally cloning a reference voice) with a checkpoint, optionally quantized first",
