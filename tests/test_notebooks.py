@@ -6,7 +6,7 @@ import pytest
 
 from fishlab.runner import check_notebook_clean
 
-NOTEBOOKS = ["00_architecture", "10_phase", "20_layer_errors", "30_listen", "90_summary"]
+NOTEBOOKS = ["00_architecture", "10_phase", "15_trained_model", "20_layer_errors", "30_listen", "90_summary"]
 INJECTED = {"output_dir", "report_name", "params_dir", "show_progress"}
 
 

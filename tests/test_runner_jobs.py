@@ -93,6 +93,16 @@ def test_plan_unknown_executor(project):
         plan_run(f, notebooks_dir=project / "notebooks")
 
 
+def test_for_each_phase_may_list_the_phases(project):
+    run_file = project / "params" / "some.yaml"
+    write(run_file, "run:\n  name: r\n  notebooks:\n    - {notebook: 10_phase, for_each_phase: [2a, 1b]}\n")
+    assert [x.name for x in plan_run(run_file, notebooks_dir=project / "notebooks").reports] == \
+        ["10_phase-2a", "10_phase-1b"]
+    write(run_file, "run:\n  name: r\n  notebooks:\n    - {notebook: 10_phase, for_each_phase: [1b, zz]}\n")
+    with pytest.raises(RunnerError, match="unknown phase.*zz"):
+        plan_run(run_file, notebooks_dir=project / "notebooks")
+
+
 def test_report_name_for():
     assert report_name_for("10_phase", "2c") == "10_phase-2c"
     assert report_name_for("90_summary") == "90_summary"
@@ -105,10 +115,12 @@ def test_repo_run_files_plan(repo):
         plan = plan_run(repo / "params" / f"{name}.yaml", notebooks_dir=repo / "notebooks")
         r = {x.name: x for x in plan.reports}
         phases = [n for n in r if n.startswith("10_phase-")]
-        assert len(phases) == 7
+        # the default run's phase reports are the plan's seven; the real-weight runs cover every phase file
+        assert len(phases) == 7 if name == "default" else len(phases) >= 9
         for light in ("20_layer_errors", "30_listen", "90_summary"):
             assert set(phases) <= set(r[light].needs), (name, light)
             assert r[light].resources["gpus_per_node"] == 0
+        assert "15_trained_model" in r["90_summary"].needs and r["15_trained_model"].resources["gpus_per_node"] == 0
         assert all(r[p].resources["gpus_per_node"] == 1 for p in phases)
     assert plan.executor == "slurm"
 

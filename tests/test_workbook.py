@@ -29,8 +29,8 @@ def test_every_report_renders(default_run):
     result, run_dir, cache = default_run
     assert result.ok, [(r.name, r.status, r.reason) for r in result.reports if not r.ok]
     names = [r.name for r in result.reports]
-    assert names == ["00_architecture"] + [f"10_phase-{p}" for p in ("1a", "1b", "2a", "2b", "2c", "3a", "3b")] + \
-        ["20_layer_errors", "30_listen", "90_summary"]
+    assert names == ["00_architecture", "15_trained_model"] + \
+        [f"10_phase-{p}" for p in ("1a", "1b", "2a", "2b", "2c", "3a", "3b")] + ["20_layer_errors", "30_listen", "90_summary"]
     index = (run_dir / "index.html").read_text()
     for n in names:
         assert f"{n}.html" in index and (run_dir / f"{n}.html").exists() and (run_dir / f"{n}.ipynb").exists()
@@ -64,6 +64,11 @@ def test_side_files_carry_the_numbers(default_run):
     err = {k: v["errors"]["rel_fro_mean"] for k, v in res["phases"].items()}
     assert err["2b"] < err["1b"] < err["2c"] < err["3a"]       # coarser schemes, larger weight error
     assert res["pareto_size_vs_weight_error"]
+    tm = res["trained_model"]                                   # every phase file ran on the trained proxy
+    kl = {r["phase"]: r["kl_mean"] for r in tm["phases"]}
+    assert sorted(kl) == sorted(["1a", "1b", "2a", "2b", "2c", "3a", "3b", "q4_0", "q8_0"])
+    assert kl["q8_0"] < kl["2b"] < kl["q4_0"] < kl["1b"] < kl["2c"] < kl["3a"]
+    assert res["phases"]["1b"]["trained"]["kl_mean"] == kl["1b"]
 
 
 def test_every_phase_has_valid_samples_players_and_fidelity(default_run):
@@ -83,12 +88,16 @@ def test_every_phase_has_valid_samples_players_and_fidelity(default_run):
         html = (run_dir / f"10_phase-{name}.html").read_text()
         assert html.count("<audio") >= 5 and 'src="data:audio/wav;base64,' in html, name
         assert "is noise, not speech" in html
-        assert "Word error rate: skipped" in html
+        assert "Word / character error rate (pocketsphinx)" in html
+        assert 0 <= lis["wer_tts"] and lis["asr"] == "pocketsphinx"
     listen = (run_dir / "30_listen.html").read_text()
     assert listen.count("<audio") == 2 * (len(res["phases"]) + 1) + 1     # tts: base + phases; clone: + reference
     assert "application/vnd.jupyter.widget" not in listen          # static page, no widget state
     summary = (run_dir / "90_summary.html").read_text()
-    assert "Size vs KL" in summary
+    assert "Size vs KL" in summary and "ranked by the word error rate" in summary
+    trained = (run_dir / "15_trained_model.html").read_text()
+    assert "Paris" in trained and "llama.cpp" in trained and "Q4_1" in trained
+    assert trained.count("data:image/png;base64") >= 2
 
 
 def test_a_notebook_runs_with_plain_papermill(repo, tmp_path, monkeypatch):

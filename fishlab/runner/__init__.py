@@ -24,7 +24,7 @@ Params files (the contract)
           - notebook: 00_architecture
             parameters: {foo: 1}          # optional
           - notebook: 10_phase
-            for_each_phase: true          # one report per phase file: 10_phase-<phase>
+            for_each_phase: true          # one report per phase file: 10_phase-<phase> (or a list of phase names)
           - notebook: 90_summary
             needs: [10_phase]             # runs after these (notebook or report names of earlier entries)
             resources: {mem_gb: 16}       # what its job asks for (fishlab.runner.resources); optional

@@ -183,8 +183,8 @@ def plan_run(params_file: str | Path, run_name: str | None = None, notebooks_dir
             raise RunnerError(f"{ewhere}: 'parameters' must be a mapping")
         _check_params(eparams, ewhere)
         each = entry.get("for_each_phase", False)
-        if not isinstance(each, bool):
-            raise RunnerError(f"{ewhere}: 'for_each_phase' must be true or false")
+        if not (isinstance(each, bool) or (isinstance(each, list) and each and all(isinstance(x, str) for x in each))):
+            raise RunnerError(f"{ewhere}: 'for_each_phase' must be true, false or a list of phase names")
         needs = entry.get("needs") or []
         if isinstance(needs, str):
             needs = [needs]
@@ -202,7 +202,14 @@ def plan_run(params_file: str | Path, run_name: str | None = None, notebooks_dir
             if not phases:
                 raise RunnerError(f"{ewhere}: for_each_phase but no phase files (YAML with a 'phase' key) "
                                   f"in {params_dir}")
-            for ph, (_, pkeys) in phases.items():
+            chosen = phases
+            if isinstance(each, list):
+                missing = [x for x in each if x not in phases]
+                if missing:
+                    raise RunnerError(f"{ewhere}: for_each_phase names unknown phase(s) {', '.join(missing)}; "
+                                      f"phase files in {params_dir}: {', '.join(phases)}")
+                chosen = {ph: phases[ph] for ph in each}
+            for ph, (_, pkeys) in chosen.items():
                 reports.append(Report(report_name_for(nb, ph), nb, nb_path, {**shared, **pkeys, **eparams}, phase=ph,
                                       needs=needs, resources=dict(res)))
         else:
