@@ -62,11 +62,11 @@ def dense_for_eval(model: TextLM) -> TextLM:
         if not isinstance(lin, QuantizedLinear):
             return None
         out = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device="meta")
-        out.weight = nn.Parameter(lin.dequantized_weight(torch.float32), requires_grad=False)
+        out.weight = nn.Parameter(lin.dequantized_weight(torch.float32).contiguous(), requires_grad=False)
         if lin.bias is not None:
             out.bias = nn.Parameter(lin.bias.float(), requires_grad=False)
         return out
-    replace_linears(model, dense)
+    replace_linears(model, dense, names=[n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)])
     return model.eval()
 
 

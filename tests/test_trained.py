@@ -21,6 +21,7 @@ from fishlab.phases import load_phase
 from fishlab.quant.apply import dequantized_state_dict, quantize_checkpoint
 from fishlab.quant.qlinear import QuantizedLinear
 from fishlab.trained import TrainedModelError, convert_gguf, gguf_provenance, smollm2_gguf
+from fishlab.trained_track import dense_for_eval
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +128,10 @@ def test_quantize_checkpoint_runs_unchanged_and_kl_orders_int8_int4_int3_int2(sm
         r = fidelity_report(base, q, chunks, 128, base_out=base_out)
         assert r["slow_positions"] == 2 * 128 and "fast_kl_mean" not in r
         kl[name] = r["slow_kl_mean"]
+        dense = dense_for_eval(load_transformer(out, dtype=torch.float32))
+        assert not any(isinstance(m, QuantizedLinear) for m in dense.modules())
+        w_hat = dequantized_state_dict(out, torch.float32)[spec.HF_TEXT_PREFIX + "layers.5.attention.wqkv.weight"]
+        assert torch.equal(dense.get_submodule("layers.5.attention.wqkv").weight, w_hat)
         if name == "2b":          # the packed model computes with exactly dequant(quant(W))
             w_hat = dequantized_state_dict(out, torch.float32)[spec.HF_TEXT_PREFIX + "layers.3.feed_forward.w2.weight"]
             lin = q.get_submodule("layers.3.feed_forward.w2")
