@@ -187,12 +187,14 @@ def kl_vs_bits(rows: list[dict], anchors: dict | None = None,
     """fishlab phases (bits_per_weight, kl_mean, phase) as points; llama.cpp's published per-type mean KL
     (anchors['types']: name, bpw, kl_mean) as grey context markers. Log KL axis."""
     fig, ax = plt.subplots(figsize=(7, 4.4))
-    pts = [r for r in rows if r.get("kl_mean") and r["kl_mean"] > 0]
-    ax.scatter([r["bits_per_weight"] for r in pts], [r["kl_mean"] for r in pts], color="#4c72b0", zorder=3,
+    pts: dict[tuple, list[str]] = {}              # phases with the same result share one labelled point
+    for r in rows:
+        if r.get("kl_mean") and r["kl_mean"] > 0:
+            pts.setdefault((r["bits_per_weight"], r["kl_mean"]), []).append(r["phase"])
+    ax.scatter([x for x, _ in pts], [y for _, y in pts], color="#4c72b0", zorder=3,
                label="fishlab phases on the trained proxy")
-    for r in pts:
-        ax.annotate(r["phase"], (r["bits_per_weight"], r["kl_mean"]), textcoords="offset points", xytext=(4, 4),
-                    fontsize=8)
+    for (x, y), names in pts.items():
+        ax.annotate(" = ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if anchors:
         t = anchors["types"]
         ax.scatter([a["bpw"] for a in t], [a["kl_mean"] for a in t], marker="x", color="#888", zorder=2,
