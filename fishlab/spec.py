@@ -70,3 +70,9 @@ GGUF_CODEC_DECODER_TRANSFORMER_LAYERS = (4, 0, 0, 0)
 GGUF_CODEC_TRANSFORMER_BLOCK_SIZE = 8192  # codec.transformer.block_size (the encoder stage transformers)
 GGUF_CODEC_RVQ_BLOCK_SIZE = 2048          # codec.rvq_transformer.block_size (pre/post module)
 GGUF_CODEC_N_LOCAL_HEADS = -1             # "same as n_head", written as i32
+
+# --- the hub (the base model's own card: license other + name + link) ---
+HUB_BASE_MODEL = "fishaudio/s2-pro"
+HUB_LICENSE_TITLE = "Fish Audio Research License"
+HUB_LICENSE_NAME = "fish-audio-research-license"
+HUB_LICENSE_LINK = "https://huggingface.co/fishaudio/s2-pro/blob/main/LICENSE.md"
