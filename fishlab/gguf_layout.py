@@ -149,7 +149,7 @@ def phase_targets(cfg: DualARConfig, phase) -> set[str]:
 def transformer_keys(cfg: DualARConfig) -> list[tuple[str, object, V]]:
     """The transformer's header keys (key, value, GGUF type), values from config.json."""
     hf = cfg.to_hf_dict()
-    t, a = hf["text_config"], hf["audio_decoder_config"]
+    a = hf["audio_decoder_config"]
     A, S = spec.GGUF_ARCH, spec.GGUF_S2_NS
 
     def fast(key, default):   # a missing/null fast field inherits the slow value (spec §2.1)

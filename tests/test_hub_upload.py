@@ -1,38 +1,25 @@
-"""fishlab upload: the dry run on real demo phase outputs (phase 1b quantized and measured the way the 10_phase
-report does it) stages exactly the checkpoint's files + card + samples; the card parses with
+"""fishlab upload: the dry run on real demo phase outputs (phase 1b quantized and measured by the 10_phase
+report, conftest.measured_run) stages exactly the checkpoint's files + card + samples; the card parses with
 huggingface_hub's own ModelCard parser; the synthetic guard holds. No test touches the network (the upload
 call itself is checked against a recording stand-in for HfApi)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
 
-from fishlab import samples as S, spec, workbook
+from fishlab import spec
 from fishlab.cli import main
-from fishlab.demo import build_demo_checkpoint
 from fishlab.export import hub
 from fishlab.export.gguf import export_gguf
-from fishlab.phases import load_phase
 
 
 @pytest.fixture(scope="module")
-def measured(tmp_path_factory, one_thread):
-    """A run folder with phase 1b's report side file (sizes, errors, listening: samples, KL, speaker)."""
-    root = tmp_path_factory.mktemp("hub")
-    src = build_demo_checkpoint(root / "demo")
-    run, work = root / "renders" / "r", root / "work"
-    ph = load_phase("1b")
-    result = workbook.run_phase(src, ph, work)
-    summary = workbook.phase_summary(result, ph, src)
-    settings = S.SampleSettings(max_new_tokens=8)
-    listening = workbook.phase_listening(src, Path(result["path"]), ph, settings, run, work, layer_groups=False)
-    summary["listening"] = workbook.listening_summary(listening)
-    summary["listening_detail"] = listening
-    workbook.write_side_file(run, "10_phase-1b", summary)
-    return {"src": src, "ckpt": Path(result["path"]), "run": run, "root": root}
+def measured(measured_run):
+    """Phase 1b's output and the run folder whose 10_phase report measured it (conftest.measured_run)."""
+    assert measured_run["result"].ok
+    return {"src": measured_run["src"], "ckpt": measured_run["work"] / "phase-1b", "run": measured_run["run"]}
 
 
 def test_dry_run_stages_the_checkpoint_card_and_samples(measured, tmp_path):

@@ -30,7 +30,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from .. import __version__, gguf_layout as L, spec
-from ..checkpoint import CheckpointError, TensorInfo, iter_row_blocks, validate_transformer
+from ..checkpoint import TensorInfo, iter_row_blocks, validate_transformer
 from ..config import load_config
 from ..demo import is_synthetic
 from ..io import atomic_path
