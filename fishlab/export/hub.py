@@ -166,7 +166,8 @@ def build_card(repo: str, d: dict, result: dict | None, samples: dict[str, Path]
     L += [f"A weight-only quantization of [{spec.HUB_BASE_MODEL}](https://huggingface.co/{spec.HUB_BASE_MODEL}) "
           f"(Fish Audio S2 Pro: DualAR text-to-semantic transformer + modded-DAC codec), made and measured with "
           f"fishlab {__version__}.", "", "## Scheme", "", d["scheme"], "", "## Size", "",
-          "| | bytes | GB |", "|---|---:|---:|", f"| this repository's model files | {d['bytes']:,} | {d['bytes'] / 1e9:.3f} |"]
+          "| | bytes | GB |", "|---|---:|---:|",
+          f"| this repository's model files | {d['bytes']:,} | {d['bytes'] / 1e9:.3f} |"]
     if d["bf16_bytes"]:
         L.append(f"| the same model in bf16 (codec fp32), computed from its config | {d['bf16_bytes']:,} | "
                  f"{d['bf16_bytes'] / 1e9:.3f} |")
