@@ -47,7 +47,7 @@ def one_thread():
 def measured_run(tmp_path_factory):
     """The workbook's real path on the demo, once per session (fishlab.runner.run, papermill kernels): a run
     folder in which 10_phase measured phase 1b and a GGUF import (Q4_0, exported from the demo by fishlab
-    export-gguf), with samples, KL and speaker similarity, and 90_summary collected both."""
+    export-gguf), with samples, KL and speaker similarity; 20_layer_errors, 30_listen and 90_summary read both."""
     import shutil
 
     import yaml
@@ -69,7 +69,7 @@ def measured_run(tmp_path_factory):
         "run": {"name": "m", "notebooks": [
             {"notebook": "10_phase", "for_each_phase": True,
              "parameters": {"max_new_tokens": 8, "layer_groups": False}},
-            {"notebook": "90_summary"}]}}))
+            {"notebook": "20_layer_errors"}, {"notebook": "30_listen"}, {"notebook": "90_summary"}]}}))
     result = run(params / "run.yaml", notebooks_dir=REPO / "notebooks", renders_dir=root / "renders")
     return {"result": result, "src": src, "gguf": gguf_file, "run": root / "renders" / "m", "work": root / "work",
             "root": root}

@@ -315,6 +315,8 @@ def test_an_import_is_a_phase_like_row_in_every_report(measured_run):
     assert "transformer tensors stored as" in report and "Q4_0" in report and "imported in" in report
     summary = (run / "90_summary.html").read_text()
     assert "gguf-q4_0 GGUF import" in summary and "Size vs KL" in summary
+    assert "gguf-q4_0 GGUF import" in (run / "20_layer_errors.html").read_text()   # heatmaps, histograms, scatter
+    assert (run / "30_listen.html").read_text().count("<audio") == 2 * 3 + 1      # base + 1b + import, + reference
     q = measured_run["work"] / "import-gguf-q4_0"
     pairs = workbook.weight_pairs(measured_run["src"], q, "text_model.model.layers.0.attention.wo.weight", n=50)
     assert len(pairs["w"]) == 50 and pairs["w"] != pairs["w_hat"]
