@@ -21,6 +21,7 @@ from fishlab.config import load_config, preset
 from fishlab.demo import build_demo_checkpoint, checkpoint_digest
 from fishlab.export.gguf import export_gguf
 from fishlab.manifest import linear_targets, transformer_manifest
+from fishlab.metrics import weight_error
 from fishlab.model import load_transformer
 from fishlab.model.codec import weight_norm
 from fishlab.model.codec_load import read_codec_file, write_codec_pth
@@ -265,6 +266,10 @@ def test_import_checkpoint_writes_a_loadable_measured_checkpoint(demo, base, tmp
     assert all(torch.equal(got[n], expected[n]) for n in expected)        # float32 on the demo: exact
     lin = linears(load_config(demo))
     assert set(r["metrics"]) == lin and all(0 < m["rel_fro"] < 0.5 for m in r["metrics"].values())
+    n = "text_model.model.layers.0.attention.wqkv.weight"            # block-wise = metrics.weight_error
+    ref = weight_error(base[n], expected[n])
+    for k in ("rel_fro", "snr_db", "cosine", "max_abs", "zero_fraction"):
+        assert r["metrics"][n][k] == pytest.approx(ref[k], rel=1e-9, abs=1e-12), k
     info = read_import(out)
     assert info["file"]["bytes"] == sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     assert info["codec"] == "from the base checkpoint" and info["stored"]["gptq int4 g32 act-order sym"] == len(lin)

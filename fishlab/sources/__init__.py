@@ -28,12 +28,12 @@ from typing import Callable
 import torch
 
 from .. import spec
-from ..checkpoint import (CheckpointError, OutTensor, iter_tensors, transformer_files, tree_bytes,
+from ..checkpoint import (CheckpointError, OutTensor, iter_row_blocks, transformer_files, tree_bytes,
                           validate_transformer, write_sharded)
 from ..config import ModelConfig, load_config, preset
 from ..io import atomic_dir, write_json_atomic
 from ..manifest import TensorSpec, codec_manifest, transformer_manifest
-from ..metrics import summarize, weight_error
+from ..metrics import summarize
 from ..model.codec_load import check_codec_state_dict, write_codec_pth
 from ..sizes import Estimate, estimate
 
@@ -140,6 +140,20 @@ def s2pro_estimate(bits_per_role: dict[str, float], codec_bytes_per_param: float
     return dataclasses.replace(e, per_component={**e.per_component, "codec": codec})
 
 
+def _weight_error(info, w_hat: torch.Tensor) -> dict:
+    """metrics.weight_error of the base tensor vs the import's, in blocks of rows (quantize's accumulator):
+    whole, S2 Pro's 0.4 B-value token table would need ~8 GB of float64 temporaries."""
+    from ..quant.apply import _ErrorAccumulator
+
+    acc = _ErrorAccumulator(w_hat.numel())
+    flat = w_hat.reshape(w_hat.shape[0], -1)
+    r0 = 0
+    for block in iter_row_blocks(info):
+        acc.add(block, flat[r0:r0 + block.shape[0]])
+        r0 += block.shape[0]
+    return acc.result()
+
+
 def import_checkpoint(phase: ImportPhase, base: str | Path, out: str | Path, dtype: str | None = None,
                       overwrite: bool = False) -> dict:
     """Write the import `phase` as a plain fishlab checkpoint directory `out` (atomically), measured against
@@ -169,8 +183,7 @@ def import_checkpoint(phase: ImportPhase, base: str | Path, out: str | Path, dty
             raise SourceError(f"{path}: tensor {s.name} is {list(w_hat.shape)} in the file, the config needs "
                                f"{list(s.shape)}")
         if s.name in src.quantized:
-            (_, w), = iter_tensors(infos, [s.name])
-            metrics[s.name] = dict(weight_error(w, w_hat), component=s.component, layer=s.layer,
+            metrics[s.name] = dict(_weight_error(infos[s.name], w_hat), component=s.component, layer=s.layer,
                                    projection=s.projection, stored=src.stored[s.name])
         return w_hat.to(getattr(torch, dtype))
 

@@ -120,7 +120,7 @@ def open_gptq(path: Path, cfg: ModelConfig) -> Source:
         nbytes[hf] = info.nbytes
     notes = [f"{len(packed)} GPTQ-packed linears ({label}, checkpoint_format {fmt}, from {Path(qc_file).name}); "
              f"{len(plain)} tensors as stored"]
-    v1_zero, v2_zero = (1 << (bits - 1)) - 1, 1 << (bits - 1)
+    v2_zero = 1 << (bits - 1)
     said: set[str] = set()
 
     def get(hf: str) -> torch.Tensor:
@@ -132,13 +132,12 @@ def open_gptq(path: Path, cfg: ModelConfig) -> Source:
         if g_idx is None:
             g_idx = torch.arange(in_f, dtype=torch.int32) // (group if group > 0 else in_f)
         v2 = fmt == "gptq_v2"
-        if sym:
-            zs = unpack_int32(p["qzeros"], bits, 1)
-            if not v2 and bool((zs == v2_zero).all()) and "v2" not in said:
+        if sym and not v2 and bool((unpack_int32(p["qzeros"], bits, 1) == v2_zero).all()):
+            v2 = True
+            if not said:
                 said.add("v2")
                 notes.append(f"zero points are stored as {v2_zero} (the gptq_v2 convention) although "
                              f"checkpoint_format is {fmt!r}: read as v2 (symmetric, so the stored zeros tell)")
-            v2 = v2 or bool((zs == v2_zero).all()) and not bool((zs == v1_zero).all())
         return dequantize_gptq(p["qweight"], p["qzeros"], p["scales"], g_idx, bits, v2, out_f, in_f)
 
     codec, codec_bytes, other, codec_note = folder_codec(path, weights)
