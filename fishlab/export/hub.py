@@ -125,7 +125,7 @@ def fidelity_rows(result: dict) -> list[tuple[str, str]]:
             ("fast AR top-1 agreement", _fmt(lst.get("fast_top1"), True))]
     wer = det.get("wer") or {}
     if wer.get("skipped", True):
-        rows.append(("word error rate", f"not measured ({wer.get('reason', 'no ASR model')})"))
+        rows.append(("word error rate", f"not measured: {wer.get('reason', 'no ASR model')}"))
     else:
         rows += [(f"word error rate, {k.replace('_', ' ')}", _fmt(v.get("wer"), True)) for k, v in wer["clips"].items()]
     rows += [("speaker similarity, clone vs reference", _fmt(lst.get("speaker_clone_vs_reference"))),
@@ -233,7 +233,8 @@ def stage(checkpoint: str | Path, repo: str, staging: str | Path, results: str |
         for n, wav in samples.items():
             _place(wav, tmp / SAMPLES_DIR / n)
         if result:
-            keep = {k: v for k, v in result.items() if k != "listening_detail" and not k.startswith("_")}
+            local = ("listening_detail", "checkpoint", "quantized_checkpoint")     # samples and this machine's paths
+            keep = {k: v for k, v in result.items() if k not in local and not k.startswith("_")}
             (tmp / RESULTS_FILE).write_text(json.dumps(dict(keep, measured=result["_date"],
                                                             fishlab_version=__version__), indent=2) + "\n")
         card.save(tmp / CARD_FILE)
