@@ -255,6 +255,91 @@ def cmd_tts(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
+# fishlab export-gguf
+# ----------------------------------------------------------------------------------------------------
+
+def add_export_gguf_arguments(p: argparse.ArgumentParser) -> None:
+    from .gguf_layout import TYPES
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="plain (bf16) checkpoint directory")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--type", choices=list(TYPES), help="GGUF type of the 2-D transformer tensors (default f16)")
+    g.add_argument("--phase", metavar="NAME|FILE", help="a fishlab phase, mapped to its nearest GGUF type")
+    p.add_argument("--out", required=True, metavar="FILE.gguf", help="output file (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (once the new one is complete)")
+    p.add_argument("--params-dir", metavar="DIR", help="where phase names are looked up (default: params/ of the repo)")
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from .export.gguf import ExportError, export_gguf
+    from .gguf_layout import NoGGUFEquivalent
+    from .phases import load_phase
+
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_dir():
+        raise UserError(f"checkpoint not found: {ckpt}")
+    try:
+        phase = load_phase(args.phase, args.params_dir) if args.phase else None
+        r = export_gguf(ckpt, args.out, args.type, phase, overwrite=args.overwrite, progress=sys.stderr.isatty())
+    except (*_user_errors(), ExportError, NoGGUFEquivalent) as e:
+        raise UserError(str(e)) from None
+    types = ", ".join(f"{n} {k}" for k, n in sorted(r["types"].items(), key=lambda kv: -kv[1]))
+    print(f"wrote {r['path']}: {r['bytes'] / 1e9:.3f} GB, {r['tensors']} tensors ({types}), {r['seconds']:.1f} s"
+          + (f"; {r['mapping']}" if r["mapping"] else ""))
+    for name, why in r["fallbacks"].items():
+        print(f"  {name}: F16 ({why})")
+    for n in r["notes"]:
+        print(f"note: {n}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# fishlab upload
+# ----------------------------------------------------------------------------------------------------
+
+def add_upload_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR|FILE.gguf",
+                   help="a quantized checkpoint (fishlab quantize output) or an exported .gguf")
+    p.add_argument("--repo", required=True, metavar="ORG/NAME", help="the hub repository")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--yes", action="store_true", help="really upload (default: a dry run that only stages)")
+    p.add_argument("--allow-synthetic", action="store_true",
+                   help="allow uploading a checkpoint made from fishlab's synthetic demo weights")
+    p.add_argument("--results", metavar="RUN_DIR",
+                   help="the run folder whose phase report measured this checkpoint (default: search renders/*)")
+    p.add_argument("--staging", metavar="DIR",
+                   help="where the folder is staged (default: FISHLAB_CACHE/hub/ORG--NAME)")
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    from .demo import cache_dir
+    from .export.hub import HubError, stage, upload
+
+    ckpt = Path(args.checkpoint).expanduser()
+    if not ckpt.exists():
+        raise UserError(f"checkpoint not found: {ckpt}")
+    staging = Path(args.staging) if args.staging else cache_dir() / "hub" / args.repo.replace("/", "--")
+    try:
+        s = stage(ckpt, args.repo, staging, args.results)
+        print(f"staged {len(s['files'])} files for {args.repo} in {s['staging']}:")
+        for name, size in s["files"].items():
+            print(f"  {size:>15,}  {name}")
+        print(f"  {sum(s['files'].values()):>15,}  in all")
+        if not s["measured"]:
+            print("note: no phase report measured this checkpoint; the card says so (see --results)")
+        print("\n----- README.md (model card) -----\n" + s["card"] + "----- end of card -----")
+        if s["synthetic"]:
+            print("SYNTHETIC: this checkpoint comes from the demo weights; uploading it needs --allow-synthetic")
+        if not args.yes:
+            print(f"dry run: nothing uploaded; pass --yes to upload to {args.repo}")
+            return 0
+        url = upload(s, private=args.private, allow_synthetic=args.allow_synthetic)
+    except (*_user_errors(), HubError) as e:
+        raise UserError(str(e)) from None
+    print(f"uploaded: {url}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
 # Registry and entry point
 # ----------------------------------------------------------------------------------------------------
 
@@ -266,6 +351,8 @@ COMMANDS: dict[str, Command] = {
     "quantize": (add_quantize_arguments, cmd_quantize),
     "sizes": (add_sizes_arguments, cmd_sizes),
     "tts": (add_tts_arguments, cmd_tts),
+    "export-gguf": (add_export_gguf_arguments, cmd_export_gguf),
+    "upload": (add_upload_arguments, cmd_upload),
 }
 
 HELP = {
@@ -274,6 +361,8 @@ HELP = {
     "quantize": "apply one phase to a checkpoint: a packed, loadable quantized checkpoint directory",
     "sizes": "the size table: every phase and GGUF type, from a config (no weights read)",
     "tts": "speak a text (optionally cloning a reference voice) with a checkpoint, optionally quantized first",
+    "export-gguf": "write a plain checkpoint as one GGUF file in the layout s2.cpp loads (f16, q8_0, q4_0, ...)",
+    "upload": "stage a quantized checkpoint with a model card for the Hugging Face hub (dry run unless --yes)",
 }
 
 

@@ -182,7 +182,7 @@ class _ErrorAccumulator:
         self.n_nz += n - w_zero
         self.n_zeroed += h_zero - w_zero
 
-    def result(self, scale: torch.Tensor) -> dict:
+    def result(self, scale: torch.Tensor | None = None) -> dict:
         from ..metrics import HIST_BINS
         n = self.err.numel()
         ss_w, ss_e, ss_h = self.ss_w, self.ss_e, self.ss_h
@@ -203,7 +203,7 @@ class _ErrorAccumulator:
             "zero_fraction": self.n_zeroed / self.n_nz if self.n_nz else 0.0,
             "weight_rms": math.sqrt(ss_w / max(1, n)),
             "hist": {"range": r, "counts": [int(c) for c in hist.tolist()]},
-            "scale": _scale_stats(scale),
+            **({"scale": _scale_stats(scale)} if scale is not None else {}),
         }
 
 
