@@ -25,10 +25,9 @@ frame (whether or not it is the <|im_end|> frame): that is `frames_to_codes`, ap
 Speed: decode steps run `DualARTransformer.decode_step_static` (static shapes, the whole KV cache under a
 position mask, no host synchronisation inside a step) and score only the allowed slow ids (the sliced head);
 the sampler still sees a full-vocabulary vector, -inf outside the allowed ids, i.e. exactly `logits + bias`.
-`compile=True` wraps the per-frame work in `torch.compile(mode="reduce-overhead", fullgraph=True)` (CUDA graphs
-on a GPU): for greedy decoding the whole frame (slow step, argmax, the fast loop) is one graph; for sampled
-decoding the slow step and the fast step are (sampling with its generator runs between them). The loop's only
-host synchronisation is the <|im_end|> test once per frame.
+`compile=True` wraps the slow step and the fast step in `torch.compile(mode="reduce-overhead", fullgraph=True)`
+(CUDA graphs on a GPU; two graphs, the fast one shared by every fast position); sampling and the fast
+embedding lookup run between them. The loop's only host synchronisation is the <|im_end|> test once per frame.
 """
 from __future__ import annotations
 
@@ -109,37 +108,30 @@ def fast_decode(model: DualARTransformer, hidden: Tensor, token: Tensor,
 
 
 class DecodeSteps:
-    """The per-frame model calls of the decode loop, eager or compiled (`compile=True`; compiled functions are
-    kept on the model, so later requests reuse them):
+    """The per-frame model calls of the decode loop, eager or compiled (`compile=True`: torch.compile with
+    fullgraph=True; the compiled functions are kept on the model, so later requests reuse them):
 
     - `slow(column [C+1], pos [1]) -> (allowed logits [A], hidden [dim])`: `decode_step_static`;
     - `fast(x, i) -> logits [1, 1, codebook]`: the fast step at position i (compiled: `fast_step_static` with the
-      position as a device tensor, one graph for every position);
-    - `greedy_frame(column, pos) -> frame [C+1]`: slow step, argmax over the allowed ids, greedy fast loop (one
-      graph when compiled).
+      position as a device tensor, so one graph serves every position).
+    Sampling and the fast embedding lookup run between these calls (eager).
     """
 
     def __init__(self, model: DualARTransformer, compile: bool = False, mode: str = COMPILE_MODE):
         self.model, self.compiled = model, compile
         self.ids = allowed_slow_ids(model.cfg, model.device)
         if not compile:
-            self.slow, self.fast, self.greedy_frame = model.decode_step_static, model.fast_step, self._greedy_frame
+            self.slow, self.fast = model.decode_step_static, model.fast_step
             return
         cache = model.__dict__.setdefault("_compiled_decode", {})
         key = (mode, str(model.device))
         if key not in cache:
             opts = dict(mode=mode, fullgraph=True)
             cache[key] = (torch.compile(model.decode_step_static, **opts),
-                          torch.compile(model.fast_step_static, **opts), torch.compile(self._greedy_frame, **opts))
-        self.slow, fast_static, self.greedy_frame = cache[key]
+                          torch.compile(model.fast_step_static, **opts))
+        self.slow, fast_static = cache[key]
         positions = [torch.tensor([i], device=model.device) for i in range(model.cfg.num_codebooks)]
         self.fast = lambda x, i: fast_static(x, positions[i])
-
-    def _greedy_frame(self, column: Tensor, pos: Tensor) -> Tensor:
-        with _math_sdpa():
-            logits, hidden = self.model.decode_step_static(column, pos)
-        token = self.ids.index_select(0, torch.argmax(logits).reshape(1))[0]   # ascending ids: ties as over the vocab
-        return fast_decode(self.model, hidden, token, sample_greedy)[0]
 
 
 def _full_vocab(logits: Tensor, ids: Tensor, vocab: int) -> Tensor:
@@ -161,7 +153,7 @@ def generate(model: DualARTransformer, prompt_tokens: Tensor, max_new_tokens: in
     (stale slots past the current position are masked). The RAS window (§8.3) is kept as the reference does
     (decode-step frames only, shifted left each step) and passed to sample_slow. The slow logits the samplers
     see come from the sliced head (`allowed_only`); the trace records the full head's logits of the same hidden
-    states. compile=True: see the module docstring (greedy: one compiled graph per frame).
+    states. compile=True: see the module docstring.
     """
     cfg = model.cfg
     prompt = prompt_tokens.to(model.device, torch.long)
@@ -180,7 +172,6 @@ def generate(model: DualARTransformer, prompt_tokens: Tensor, max_new_tokens: in
         model.setup_caches(needed)                 # sized to this request; a big-enough cache is reused
     steps = DecodeSteps(model, compile)
     model.decode_tables()                          # made eagerly, outside any compiled call
-    greedy = sample_slow is sample_greedy and sample_fast is sample_greedy and not return_trace
     trace = GenerationTrace()
 
     def one_frame(logits: Tensor, hidden: Tensor, pos: int, window: Tensor | None) -> Tensor:
@@ -200,12 +191,9 @@ def generate(model: DualARTransformer, prompt_tokens: Tensor, max_new_tokens: in
     pos_t = torch.tensor([P], device=model.device)                          # advanced on the device
     for n in range(1, n_max):
         pos = P + n - 1
-        if greedy:
-            frame = steps.greedy_frame(frames[-1], pos_t)
-        else:
-            with _math_sdpa():
-                logits, hidden = steps.slow(frames[-1], pos_t)
-            frame = one_frame(logits, hidden, pos, window)
+        with _math_sdpa():
+            logits, hidden = steps.slow(frames[-1], pos_t)
+        frame = one_frame(logits, hidden, pos, window)
         frames.append(frame)
         pos_t = pos_t + 1
         window = torch.cat([window[:, 1:], frame[:, None]], dim=1)

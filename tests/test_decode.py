@@ -98,9 +98,9 @@ def test_trace_does_not_change_sampling(model, g):
 
 
 def test_compiled_and_eager_greedy_give_identical_frames(model, g):
-    """torch.compile(mode="reduce-overhead", fullgraph=True) of the whole greedy frame (slow step, argmax, the
-    fast loop): fullgraph fails on any graph break, so this also proves the step has no host synchronisation.
-    Eager and compiled frames equal each other and the golden frames; a second call reuses the graphs."""
+    """torch.compile(mode="reduce-overhead", fullgraph=True) of the slow step and the fast step: fullgraph fails
+    on any graph break, so this also proves the steps have no host synchronisation. Eager and compiled frames
+    equal each other and the golden frames; a second call reuses the graphs."""
     ref = g["generate_frames"]
     n = ref.shape[1]
     eager = generate_greedy(model, g["prompt_tokens"], n)
