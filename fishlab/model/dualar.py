@@ -312,10 +312,9 @@ def allowed_slow_ids(cfg: DualARConfig, device: torch.device | str | None = None
 @dataclass
 class DecodeTables:
     """What the static decode step reads besides weights and caches, made once per cache (plain tensors, not
-    buffers): RoPE rows for every slow cache slot [L, D/2, 2] and the C fast positions, slot indices [L]."""
+    buffers): RoPE rows for every slow cache slot [L, D/2, 2] and the slot indices [L]."""
     length: int
     slow_rope: Tensor
-    fast_rope: Tensor
     slots: Tensor
 
 
@@ -400,8 +399,7 @@ class DualARTransformer(nn.Module):
         if t is None or t.length != L or t.slots.device != self.device:
             cfg, dev = self.cfg, self.device
             slots = torch.arange(L, device=dev)
-            t = self._tables = DecodeTables(L, rope_table(slots, cfg.head_dim, cfg.rope_base),
-                                            self._fast_rope(), slots)
+            t = self._tables = DecodeTables(L, rope_table(slots, cfg.head_dim, cfg.rope_base), slots)
         return t
 
     def _fast_rope(self) -> Tensor:
