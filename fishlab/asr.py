@@ -1,61 +1,118 @@
-"""Word error rate of generated speech, only when the user points params at a local ASR model.
+"""Word and character error rate of generated speech, with a local speech recognizer that ships its weights.
 
-fishlab ships no ASR model and downloads nothing. `transcribe` runs a local Hugging Face speech-recognition
-model directory (e.g. a Whisper checkpoint on disk) through `transformers`, which is then needed as an extra
-install; `wer` is plain word-level edit distance.
+Nothing is downloaded. Two recognizers:
+- **pocketsphinx** (the default, always installed): CMU PocketSphinx 5 with the US-English acoustic model,
+  language model and dictionary its PyPI wheel carries (BSD). Audio is resampled to 16 kHz mono 16-bit. The
+  decoder's feature state (noise tracking, live cepstral mean) is reset before every clip, so a clip's
+  transcript is what a new decoder gives, whatever was decoded before it.
+- a local **faster-whisper / CTranslate2** model directory (`asr_model=DIR`, a folder with `model.bin`): a much
+  better recognizer; needs the optional `faster-whisper` package (fishlab does not depend on it).
+
+WER and CER come from jiwer (the standard implementation), on normalised text: lower case, speaker tags like
+`<|speaker:0|>` removed, punctuation other than apostrophes removed, whitespace collapsed.
 """
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+ASR_RATE = 16000
+POCKETSPHINX = "pocketsphinx"
+
+
+def normalize_text(text: str) -> str:
+    """Lower-case words separated by single spaces, without punctuation (apostrophes kept) or speaker tags."""
+    text = re.sub(r"<\|[^|]*\|>", " ", text.lower())
+    return " ".join(re.findall(r"[\w']+", text))
+
 
 def normalize(text: str) -> list[str]:
-    """Lower-case words without punctuation or speaker tags."""
-    text = re.sub(r"<\|[^|]*\|>", " ", text.lower())
-    return re.findall(r"[\w']+", text)
+    """normalize_text as a list of words."""
+    return normalize_text(text).split()
+
+
+def error_rates(references: list[str], hypotheses: list[str]) -> dict:
+    """jiwer's corpus-level WER and CER over normalised texts (an empty reference counts as a word/character
+    error for every hypothesis word/character)."""
+    import jiwer
+    refs = [normalize_text(r) for r in references]
+    hyps = [normalize_text(h) for h in hypotheses]
+    if not any(refs):
+        raise ValueError("every reference text is empty after normalisation")
+    words = jiwer.process_words(refs, hyps)
+    return {"wer": words.wer, "cer": jiwer.cer(refs, hyps), "substitutions": words.substitutions,
+            "deletions": words.deletions, "insertions": words.insertions,
+            "reference_words": sum(len(r.split()) for r in refs)}
 
 
 def wer(reference: str, hypothesis: str) -> float:
-    """(substitutions + deletions + insertions) / reference words, on normalized words."""
-    r, h = normalize(reference), normalize(hypothesis)
-    if not r:
-        return 0.0 if not h else float("inf")
-    d = list(range(len(h) + 1))
-    for i, rw in enumerate(r, 1):
-        prev, d[0] = d[0], i
-        for j, hw in enumerate(h, 1):
-            cur = min(d[j] + 1, d[j - 1] + 1, prev + (rw != hw))
-            prev, d[j] = d[j], cur
-    return d[len(h)] / len(r)
+    """Word error rate of one hypothesis (jiwer, normalised text)."""
+    return error_rates([reference], [hypothesis])["wer"]
 
 
-def transcribe(model_dir: str | Path, audio, sr: int) -> str:
-    """Text of `audio` [1, N] by the local ASR model in model_dir (no network: local_files_only)."""
-    p = Path(model_dir).expanduser()
-    if not p.is_dir():
-        raise FileNotFoundError(f"asr_model directory not found: {p}")
+def _mono16k(audio, sr: int) -> np.ndarray:
+    import soxr
+    x = np.asarray(audio, dtype=np.float32)
+    if x.ndim > 1:
+        x = x.reshape(-1, x.shape[-1]).mean(0) if x.shape[0] <= 2 else x.mean(-1)
+    x = np.nan_to_num(x.reshape(-1), nan=0.0, posinf=0.0, neginf=0.0)
+    return soxr.resample(x, sr, ASR_RATE).astype(np.float32) if sr != ASR_RATE else x
+
+
+@lru_cache(maxsize=1)
+def _sphinx():
+    from pocketsphinx import Decoder
+    d = Decoder(samprate=ASR_RATE, loglevel="FATAL")
+    return d, d.get_cmn()
+
+
+@lru_cache(maxsize=2)
+def _whisper(model_dir: str):
     try:
-        from transformers import pipeline
+        from faster_whisper import WhisperModel
     except ImportError:
-        raise ImportError("asr_model is set but the 'transformers' package is not installed; "
-                          "pip install transformers (fishlab does not depend on it)") from None
-    asr = pipeline("automatic-speech-recognition", model=str(p), model_kwargs={"local_files_only": True})
-    x = np.asarray(audio, dtype=np.float32).reshape(-1)
-    return asr({"raw": x, "sampling_rate": sr})["text"]
+        raise ImportError(f"asr_model {model_dir} is a CTranslate2 (faster-whisper) model, but the optional "
+                          "'faster-whisper' package is not installed: pip install faster-whisper") from None
+    return WhisperModel(model_dir, device="cpu", compute_type="int8")
+
+
+def recognizer_name(model_dir: str | Path | None) -> str:
+    return POCKETSPHINX if not model_dir else f"faster-whisper {Path(model_dir).expanduser().name}"
+
+
+def transcribe(audio, sr: int, model_dir: str | Path | None = None) -> str:
+    """The text of `audio` (any shape holding one mono clip, float in [-1, 1]) at rate `sr`: pocketsphinx, or the
+    faster-whisper model in model_dir."""
+    x = _mono16k(audio, sr)
+    if model_dir:
+        p = Path(model_dir).expanduser()
+        if not (p / "model.bin").is_file():
+            raise FileNotFoundError(f"asr_model {p}: not a CTranslate2 / faster-whisper model directory "
+                                    "(no model.bin)")
+        segments, _ = _whisper(str(p)).transcribe(x, language="en", beam_size=5)
+        return " ".join(s.text.strip() for s in segments).strip()
+    d, cmn0 = _sphinx()
+    d.reinit_feat()             # fresh feature state (noise tracking) and cepstral mean: as a new decoder
+    d.set_cmn(cmn0)
+    pcm = (np.clip(x, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+    d.start_utt()
+    d.process_raw(pcm, False, True)
+    d.end_utt()
+    hyp = d.hyp()
+    return hyp.hypstr if hyp is not None else ""
 
 
 def word_error(model_dir: str | Path | None, text: str, clips: dict[str, str | Path], sr: int = 44100) -> dict:
-    """{"skipped": True, "reason": ...} without a model; else per-clip transcript and WER against `text`."""
-    if not model_dir:
-        return {"skipped": True, "reason": "no local ASR model given (parameter asr_model)"}
-    if not Path(model_dir).expanduser().is_dir():
+    """Transcript, WER and CER against `text` of each clip (a wav path), by the recognizer `model_dir` selects
+    (None: pocketsphinx)."""
+    if model_dir and not Path(model_dir).expanduser().is_dir():
         raise FileNotFoundError(f"asr_model directory not found: {Path(model_dir).expanduser()}")
     from .audio import read_audio
-    out = {"skipped": False, "model": str(model_dir), "clips": {}}
+    out = {"skipped": False, "recognizer": recognizer_name(model_dir), "text": text, "clips": {}}
     for name, path in clips.items():
-        hyp = transcribe(model_dir, read_audio(path, sr), sr)
-        out["clips"][name] = {"transcript": hyp, "wer": wer(text, hyp)}
+        hyp = transcribe(read_audio(path, sr), sr, model_dir)
+        out["clips"][name] = {"transcript": hyp, **error_rates([text], [hyp])}
     return out

@@ -6,7 +6,10 @@
 - `CodecConfig`: the modded-DAC codec. The real checkpoint ships no codec config, so the defaults are S2 Pro's;
   `codec_config.json` in the self-describing schema of the golden sets (and of fishlab's demo checkpoint) is
   read and written too.
-- `ModelConfig`: both, plus a name. `preset("s2-pro")` and `preset("demo")` build them without any file.
+- `TextLMConfig`: a plain decoder-only text LM made of the same blocks (fishlab's own `fishlab_text_lm`
+  config.json; the trained proxy model of `fishlab.trained` is one). `SlowARFields` are what both share.
+- `ModelConfig`: a transformer config and its codec (None for a text LM), plus a name. `preset("s2-pro")` and
+  `preset("demo")` build them without any file.
 """
 from __future__ import annotations
 
@@ -30,8 +33,9 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class DualARConfig:
-    # slow AR (text_config)
+class SlowARFields:
+    """The decoder-only transformer both model families share: S2 Pro's slow AR (Qwen3-shaped, QK-norm) and a
+    plain text LM of the same family (llama-shaped, e.g. the trained proxy model of `fishlab.trained`)."""
     vocab_size: int
     n_layer: int
     dim: int
@@ -44,6 +48,33 @@ class DualARConfig:
     max_seq_len: int
     attention_qk_norm: bool
     tie_word_embeddings: bool
+
+    # --- derived sizes (spec §2.2) ---
+    @property
+    def q_width(self) -> int:
+        return self.n_head * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.n_local_heads * self.head_dim
+
+    @property
+    def qkv_rows(self) -> int:
+        return self.q_width + 2 * self.kv_width
+
+    def _validate_slow(self, need) -> None:
+        for f in ("vocab_size", "n_layer", "dim", "n_head", "n_local_heads", "head_dim", "intermediate_size"):
+            v = getattr(self, f)
+            need(isinstance(v, int) and v > 0, f"{f} must be a positive integer, got {v!r}")
+        need(self.n_head % self.n_local_heads == 0,
+             f"n_head ({self.n_head}) must be a multiple of n_local_heads ({self.n_local_heads})")
+        need(self.head_dim % 2 == 0, "head_dim must be even (RoPE pairs)")
+        need(self.tie_word_embeddings, "only tied heads (tie_word_embeddings=true) are supported, as in S2 Pro")
+
+
+@dataclass(frozen=True)
+class DualARConfig(SlowARFields):
+    # slow AR (text_config): the SlowARFields
     # fast AR (audio_decoder_config)
     codebook_size: int
     num_codebooks: int
@@ -66,18 +97,6 @@ class DualARConfig:
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     # --- derived sizes (spec §2.2) ---
-    @property
-    def q_width(self) -> int:
-        return self.n_head * self.head_dim
-
-    @property
-    def kv_width(self) -> int:
-        return self.n_local_heads * self.head_dim
-
-    @property
-    def qkv_rows(self) -> int:
-        return self.q_width + 2 * self.kv_width
-
     @property
     def fast_q_width(self) -> int:
         return self.fast_n_head * self.fast_head_dim
@@ -103,23 +122,20 @@ class DualARConfig:
             if not cond:
                 raise ConfigError(f"{source}: {msg}")
 
-        for f in ("vocab_size", "n_layer", "dim", "n_head", "n_local_heads", "head_dim", "intermediate_size",
-                  "codebook_size", "num_codebooks", "fast_n_layer", "fast_dim", "fast_n_head",
+        self._validate_slow(need)
+        for f in ("codebook_size", "num_codebooks", "fast_n_layer", "fast_dim", "fast_n_head",
                   "fast_n_local_heads", "fast_head_dim", "fast_intermediate_size"):
             v = getattr(self, f)
             need(isinstance(v, int) and v > 0, f"{f} must be a positive integer, got {v!r}")
-        need(self.n_head % self.n_local_heads == 0,
-             f"n_head ({self.n_head}) must be a multiple of n_local_heads ({self.n_local_heads})")
         need(self.fast_n_head % self.fast_n_local_heads == 0,
              f"fast n_head ({self.fast_n_head}) must be a multiple of n_local_heads ({self.fast_n_local_heads})")
-        need(self.head_dim % 2 == 0 and self.fast_head_dim % 2 == 0, "head_dim must be even (RoPE pairs)")
+        need(self.fast_head_dim % 2 == 0, "fast head_dim must be even (RoPE pairs)")
         need(0 <= self.semantic_begin_id <= self.semantic_end_id < self.vocab_size,
              f"semantic ids {self.semantic_begin_id}..{self.semantic_end_id} must lie inside vocab_size "
              f"{self.vocab_size}")
         need(self.n_semantic <= self.codebook_size,
              f"{self.n_semantic} semantic tokens but codebook_size is only {self.codebook_size}")
         need(0 <= self.eos_token_id < self.vocab_size, f"eos_token_id {self.eos_token_id} outside vocab")
-        need(self.tie_word_embeddings, "only tied slow heads (tie_word_embeddings=true) are supported, as in S2 Pro")
         need(self.dtype in ("bfloat16", "float16", "float32"), f"dtype {self.dtype!r} is not a float dtype")
         return self
 
@@ -220,6 +236,83 @@ class DualARConfig:
                                          intermediate_size=self.fast_intermediate_size,
                                          text_dim=self.audio_embed_dim, max_seq_len=self.num_codebooks + 1,
                                          attention_qk_norm=False, tie_word_embeddings=False),
+        }
+
+
+# ----------------------------------------------------------------------------------------------------
+# A plain text LM of the same family (the trained proxy model)
+# ----------------------------------------------------------------------------------------------------
+
+ROPE_DTYPES = ("bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class TextLMConfig(SlowARFields):
+    """A decoder-only text LM with S2 Pro's slow-AR blocks (fishlab's own config.json, model_type
+    `fishlab_text_lm`): the same `text_config` keys as S2 Pro, no audio decoder, no codec.
+
+    rope_dtype: the dtype the RoPE cos/sin table is rounded to. S2 Pro rounds it to bfloat16 (spec §5.4);
+    llama-family runtimes (llama.cpp, HF) keep it in float32, which is what a converted llama model expects.
+    """
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    add_bos_token: bool = False
+    architecture: str = "llama"
+    rope_dtype: str = "float32"
+    dtype: str = "float32"
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def validate(self, source: str = "config") -> "TextLMConfig":
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"{source}: {msg}")
+
+        self._validate_slow(need)
+        need(self.rope_dtype in ROPE_DTYPES, f"rope_dtype must be one of {ROPE_DTYPES}, got {self.rope_dtype!r}")
+        need(self.dtype in ("bfloat16", "float16", "float32"), f"dtype {self.dtype!r} is not a float dtype")
+        for k in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, k)
+            need(v is None or 0 <= v < self.vocab_size, f"{k} {v} outside the vocabulary of {self.vocab_size}")
+        return self
+
+    @classmethod
+    def from_hf_dict(cls, d: dict, source: str = "config.json") -> "TextLMConfig":
+        if d.get("model_type") != spec.TEXT_LM_MODEL_TYPE:
+            raise ConfigError(f"{source}: model_type is {d.get('model_type')!r}, expected {spec.TEXT_LM_MODEL_TYPE!r}")
+        t = d.get("text_config")
+        if not isinstance(t, dict):
+            raise ConfigError(f"{source}: missing the 'text_config' section")
+        try:
+            cfg = cls(
+                vocab_size=int(t["vocab_size"]), n_layer=int(t["n_layer"]), dim=int(t["dim"]),
+                n_head=int(t["n_head"]), n_local_heads=int(t["n_local_heads"]), head_dim=int(t["head_dim"]),
+                intermediate_size=int(t["intermediate_size"]), rope_base=float(t["rope_base"]),
+                norm_eps=float(t["norm_eps"]), max_seq_len=int(t["max_seq_len"]),
+                attention_qk_norm=bool(t.get("attention_qk_norm", False)),
+                tie_word_embeddings=bool(t.get("tie_word_embeddings", True)),
+                bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
+                add_bos_token=bool(d.get("add_bos_token", False)), architecture=str(d.get("architecture", "llama")),
+                rope_dtype=str(t.get("rope_dtype", "float32")), dtype=str(d.get("dtype", "float32")),
+                raw=copy.deepcopy(d))
+        except KeyError as e:
+            raise ConfigError(f"{source}: text_config.{e.args[0]} is missing") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{source}: malformed text_config ({e})") from None
+        return cfg.validate(source)
+
+    def to_hf_dict(self) -> dict:
+        if self.raw:
+            return copy.deepcopy(self.raw)
+        return {
+            "model_type": spec.TEXT_LM_MODEL_TYPE, "architecture": self.architecture, "dtype": self.dtype,
+            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
+            "add_bos_token": self.add_bos_token,
+            "text_config": dict(vocab_size=self.vocab_size, n_layer=self.n_layer, dim=self.dim, n_head=self.n_head,
+                                n_local_heads=self.n_local_heads, head_dim=self.head_dim,
+                                intermediate_size=self.intermediate_size, rope_base=self.rope_base,
+                                norm_eps=self.norm_eps, max_seq_len=self.max_seq_len,
+                                attention_qk_norm=self.attention_qk_norm,
+                                tie_word_embeddings=self.tie_word_embeddings, rope_dtype=self.rope_dtype),
         }
 
 
@@ -398,19 +491,21 @@ CODEC_CONFIG_FILE = "codec_config.json"
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """A checkpoint's configs: S2 Pro's DualAR + codec, or a text LM (codec None)."""
     name: str
-    transformer: DualARConfig
-    codec: CodecConfig
+    transformer: DualARConfig | TextLMConfig
+    codec: CodecConfig | None
 
     def summary(self) -> dict:
         """A flat, JSON-friendly description for reports."""
         t, c = self.transformer, self.codec
         out = {"name": self.name}
         out.update({k: v for k, v in dataclasses.asdict(t).items() if k != "raw"})
-        out.update({"codec_" + k: (list(v) if isinstance(v, tuple) else v)
-                    for k, v in dataclasses.asdict(c).items() if not isinstance(v, dict)})
-        out["codec_frame_length"] = c.frame_length
-        out["codec_frames_per_second"] = c.frames_per_second
+        if c is not None:
+            out.update({"codec_" + k: (list(v) if isinstance(v, tuple) else v)
+                        for k, v in dataclasses.asdict(c).items() if not isinstance(v, dict)})
+            out["codec_frame_length"] = c.frame_length
+            out["codec_frames_per_second"] = c.frames_per_second
         return out
 
 
@@ -491,12 +586,16 @@ def _read_json(path: Path) -> dict:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
 
 
-def load_transformer_config(path: str | Path) -> DualARConfig:
-    """Read a `config.json` (or the directory holding it)."""
+def load_transformer_config(path: str | Path) -> DualARConfig | TextLMConfig:
+    """Read a `config.json` (or the directory holding it): S2 Pro's (`fish_qwen3_omni`) or a fishlab text LM's
+    (`fishlab_text_lm`)."""
     p = Path(path)
     if p.is_dir():
         p = p / spec.CONFIG_FILE
-    return DualARConfig.from_hf_dict(_read_json(p), str(p))
+    d = _read_json(p)
+    if isinstance(d, dict) and d.get("model_type") == spec.TEXT_LM_MODEL_TYPE:
+        return TextLMConfig.from_hf_dict(d, str(p))
+    return DualARConfig.from_hf_dict(d, str(p))
 
 
 def load_codec_config(path: str | Path | None) -> CodecConfig:
@@ -524,4 +623,5 @@ def load_config(source: str | Path) -> ModelConfig:
     if not p.exists():
         raise ConfigError(f"{source!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor an existing path")
     d = p if p.is_dir() else p.parent
-    return ModelConfig(d.name, load_transformer_config(p), load_codec_config(d))
+    t = load_transformer_config(p)
+    return ModelConfig(d.name, t, None if isinstance(t, TextLMConfig) else load_codec_config(d))

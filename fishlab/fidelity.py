@@ -18,6 +18,13 @@ What is compared, for every slow position t >= prompt_len - 1 whose next column 
   base's hidden state). The fast numbers therefore measure the whole stack, slow errors included, as
   llama.cpp's KL measures the whole network; `kl_by_layer_group` separates the contributions.
 
+A plain text LM (`fishlab.model.textlm.TextLM`, the trained proxy model) goes through the same code: its matrix
+is [B, T] token ids (e.g. B chunks of evaluation text), every position t >= prompt_len - 1 of every row is
+compared over the FULL vocabulary (llama.cpp's `--kl-divergence`: the first prompt_len tokens of a chunk are
+context only), and there is no fast AR. For both models the numbers follow llama.cpp's definitions: per-position
+KL(base || other) mean / median / p99 / max, top-1 agreement, and ln(PPL_other / PPL_base) = the mean over
+positions of (NLL_other - NLL_base) of the token that actually comes next.
+
 All probability math is done in float64 on logits upcast from the model dtype (bf16 / fp32 models alike);
 per-position KLs are clamped at 0 (rounding can only make a true 0 a -1e-17). A model compared with itself
 gives exactly KL 0 and agreement 1.0 (identical logits give identical log-probabilities, and every term is 0).
@@ -49,11 +56,14 @@ from .model.dualar import DualARTransformer, linear_names, replace_linears
 __all__ = ["allowed_ids", "restricted_log_softmax", "kl_rows", "percentile", "reference_tokens",
            "ModelOutputs", "model_outputs", "compare_outputs", "teacher_forced_kl", "fidelity_report",
            "default_layer_groups", "quantized_linear_names", "swapped_linears", "kl_by_layer_group",
-           "METHOD_NOTE"]
+           "METHOD_NOTE", "TEXT_METHOD_NOTE"]
 
 METHOD_NOTE = ("Teacher-forced on prompt + base-generated frames; slow: KL(base||quantized) of the softmax "
                "restricted to semantic ids + <|im_end|>; fast: codebooks 1..C-1 over the full codebook, each "
                "model using its own slow hidden state (whole-stack error, as llama.cpp's KL); nats.")
+TEXT_METHOD_NOTE = ("Teacher-forced on chunks of evaluation text, llama.cpp --kl-divergence style: the first half "
+                    "of each chunk is context, every later position is scored; KL(base||quantized) over the full "
+                    "vocabulary, top-1 agreement, ln(PPL_q/PPL_base); nats.")
 MATH_DTYPE = torch.float64
 
 
@@ -61,30 +71,50 @@ MATH_DTYPE = torch.float64
 # small pieces
 # ----------------------------------------------------------------------------------------------------
 
-def allowed_ids(model_or_cfg) -> Tensor:
-    """The ids the slow sampler can emit (§8.1): semantic_begin..semantic_end (inclusive), then <|im_end|>."""
+def _is_text_lm(model_or_cfg) -> bool:
+    from .config import TextLMConfig
+    return isinstance(getattr(model_or_cfg, "cfg", model_or_cfg), TextLMConfig)
+
+
+def allowed_ids(model_or_cfg) -> Tensor | None:
+    """The ids the slow sampler can emit (§8.1): semantic_begin..semantic_end (inclusive), then <|im_end|>.
+    None for a text LM: its whole vocabulary is compared."""
     cfg = getattr(model_or_cfg, "cfg", model_or_cfg)
+    if _is_text_lm(cfg):
+        return None
     ids = list(range(cfg.semantic_begin_id, cfg.semantic_end_id + 1))
     if not cfg.semantic_begin_id <= cfg.eos_token_id <= cfg.semantic_end_id:
         ids.append(cfg.eos_token_id)
     return torch.tensor(ids, dtype=torch.long)
 
 
-def restricted_log_softmax(logits: Tensor, allowed: Tensor) -> Tensor:
+def restricted_log_softmax(logits: Tensor, allowed: Tensor | None) -> Tensor:
     """log-probabilities over the allowed ids only: log_softmax(logits[..., allowed]) in float64, i.e. the
     distribution of softmax(logits + bias) with bias = 0 at allowed ids and -inf elsewhere, renormalised over
-    the allowed ids. Returns [..., len(allowed)] in allowed's order."""
-    return F.log_softmax(logits.index_select(-1, allowed.to(logits.device)).to(MATH_DTYPE), dim=-1)
+    the allowed ids. Returns [..., len(allowed)] in allowed's order (allowed=None: the full vocabulary)."""
+    if allowed is not None:
+        logits = logits.index_select(-1, allowed.to(logits.device))
+    return F.log_softmax(logits.to(MATH_DTYPE), dim=-1)
+
+
+KL_CHUNK = 1 << 22          # values per block in kl_rows (32 MB of float64 temporaries)
 
 
 def kl_rows(logp: Tensor, logq: Tensor) -> Tensor:
     """KL(p || q) = sum_j p_j (log p_j - log q_j) over the last dim, from log-probabilities (float64).
     Terms with p_j = 0 count 0 (also where log q_j = -inf); a p_j > 0 with q_j = 0 gives +inf. Clamped at 0
-    (only rounding can make a KL negative)."""
-    logp, logq = logp.to(MATH_DTYPE), logq.to(MATH_DTYPE)
-    p = logp.exp()
-    terms = torch.where(p > 0, p * (logp - logq), torch.zeros((), dtype=MATH_DTYPE, device=p.device))
-    return terms.sum(-1).clamp_min(0.0)
+    (only rounding can make a KL negative). Computed in blocks of rows, so full-vocabulary rows of a text LM
+    need no more than a few blocks of temporaries."""
+    lead, V = logp.shape[:-1], logp.size(-1)
+    lp, lq = logp.reshape(-1, V), logq.reshape(-1, V)
+    out = torch.empty(lp.size(0), dtype=MATH_DTYPE, device=lp.device)
+    step = max(1, KL_CHUNK // max(1, V))
+    zero = torch.zeros((), dtype=MATH_DTYPE, device=lp.device)
+    for i in range(0, lp.size(0), step):
+        a, b = lp[i:i + step].to(MATH_DTYPE), lq[i:i + step].to(MATH_DTYPE)
+        p = a.exp()
+        out[i:i + step] = torch.where(p > 0, p * (a - b), zero).sum(-1)
+    return out.clamp_min(0.0).reshape(lead)
 
 
 def percentile(x: Tensor, q: float) -> float:
@@ -139,20 +169,54 @@ def reference_tokens(base: DualARTransformer, prompt: Tensor, max_new_tokens: in
 class ModelOutputs:
     """What one model says on the matrix, already reduced to what is compared (float64 log-probabilities).
 
-    slow_logp [N, A]: restricted log-softmax at positions prompt_len-1 .. T-2 (A = allowed ids);
+    slow_logp [N, A]: restricted log-softmax at positions prompt_len-1 .. T-2 (A = allowed ids; a text LM: the
+    whole vocabulary, N = positions of every row); slow_nll [N]: -log p of the token that actually comes next;
     fast_logp [M, C-1, codebook]: log-softmax of the teacher-forced fast logits, codebooks 1..C-1, for the
-    M of those N positions whose next frame is semantic."""
+    M of those N positions whose next frame is semantic (None for a text LM)."""
     slow_logp: Tensor
-    fast_logp: Tensor
+    fast_logp: Tensor | None
+    slow_nll: Tensor | None = None
 
 
-def _check_matrix(model: DualARTransformer, tokens: Tensor, prompt_len: int) -> None:
+def _check_matrix(model, tokens: Tensor, prompt_len: int) -> None:
     cfg = model.cfg
-    if tokens.dim() != 2 or tokens.size(0) != cfg.num_codebooks + 1:
+    if _is_text_lm(cfg):
+        if tokens.dim() != 2:
+            raise ValueError(f"a text LM's tokens must be [B, T] ids, got {tuple(tokens.shape)}")
+    elif tokens.dim() != 2 or tokens.size(0) != cfg.num_codebooks + 1:
         raise ValueError(f"tokens must be [num_codebooks+1={cfg.num_codebooks + 1}, T], got {tuple(tokens.shape)}")
     if not 1 <= prompt_len < tokens.size(1):
         raise ValueError(f"prompt_len {prompt_len} must satisfy 1 <= prompt_len < T = {tokens.size(1)} "
                          "(at least one generated frame after the prompt)")
+
+
+def _next_nll(logp: Tensor, nxt: Tensor, allowed: Tensor | None) -> Tensor:
+    """-log p(next token) from rows of log-probabilities over `allowed` (None: over the vocabulary); NaN where
+    the next token is not an allowed id (a hand-made matrix; generated frames never hold one)."""
+    nxt = nxt.cpu()
+    if allowed is not None:
+        where = torch.full((int(allowed.max()) + 1,), -1, dtype=torch.long)
+        where[allowed] = torch.arange(allowed.numel())
+        inside = (nxt >= 0) & (nxt < where.numel())
+        nxt = torch.where(inside, where[nxt.clamp(0, where.numel() - 1)], -1)
+    ok = nxt >= 0
+    nll = -logp.gather(-1, nxt.clamp_min(0).to(logp.device)[:, None])[:, 0]
+    return torch.where(ok.to(nll.device), nll, torch.full_like(nll, math.nan))
+
+
+@torch.inference_mode()
+def _text_lm_outputs(model, tokens: Tensor, prompt_len: int, batch: int = 4) -> ModelOutputs:
+    """A text LM on rows of token ids, `batch` rows at a time: full-vocabulary log-softmax at positions
+    prompt_len-1 .. T-2 of every row (row-major), and the NLL of each row's next token."""
+    tokens = tokens.to(model.device, torch.long)
+    parts, nll = [], []
+    for i in range(0, tokens.size(0), batch):
+        rows = tokens[i:i + batch]
+        logits = model(rows[:, :-1]).logits[:, prompt_len - 1:]
+        lp = restricted_log_softmax(logits, None).reshape(-1, logits.size(-1))
+        parts.append(lp.cpu())
+        nll.append(_next_nll(lp, rows[:, prompt_len:].reshape(-1), None).cpu())
+    return ModelOutputs(torch.cat(parts), None, torch.cat(nll))
 
 
 def _fast_rows(model: DualARTransformer, tokens: Tensor, prompt_len: int) -> Tensor:
@@ -167,13 +231,17 @@ def model_outputs(model: DualARTransformer, tokens: Tensor, prompt_len: int, fas
                   ) -> ModelOutputs:
     """Run `model` on tokens[:, :T-1] (no KV cache, inference embedding, every position), keep positions
     prompt_len-1 .. T-2; then the teacher-forced fast AR on its own hidden states for the semantic next frames,
-    `fast_batch` frames at a time."""
+    `fast_batch` frames at a time. A text LM: tokens [B, T], every row (see the module docstring)."""
     _check_matrix(model, tokens, prompt_len)
+    if _is_text_lm(model):
+        return _text_lm_outputs(model, tokens, prompt_len)
     cfg = model.cfg
     tokens = tokens.to(model.device, torch.long)
     out = model.forward_slow(tokens[:, :-1], return_all=True)
     sl = slice(prompt_len - 1, tokens.size(1) - 1)
-    slow_logp = restricted_log_softmax(out.logits[sl], allowed_ids(cfg))
+    allowed = allowed_ids(cfg)
+    slow_logp = restricted_log_softmax(out.logits[sl], allowed)
+    slow_nll = _next_nll(slow_logp, tokens[0, prompt_len:], allowed)
     rows = _fast_rows(model, tokens, prompt_len).to(model.device)
     hidden = out.hidden[sl].index_select(0, rows)
     codes = tokens[1:, prompt_len:].t().index_select(0, rows)             # [M, C] codes of the next frames
@@ -183,24 +251,39 @@ def model_outputs(model: DualARTransformer, tokens: Tensor, prompt_len: int, fas
         parts.append(F.log_softmax(lg[:, 1:].to(MATH_DTYPE), dim=-1))     # drop step 0 (discarded at inference)
     fast_logp = torch.cat(parts) if parts else torch.empty(0, cfg.num_codebooks - 1, cfg.codebook_size,
                                                            dtype=MATH_DTYPE, device=model.device)
-    return ModelOutputs(slow_logp.cpu(), fast_logp.cpu())
+    return ModelOutputs(slow_logp.cpu(), fast_logp.cpu(), slow_nll.cpu())
+
+
+def _shape(t: Tensor | None):
+    return None if t is None else tuple(t.shape)
 
 
 def compare_outputs(base: ModelOutputs, other: ModelOutputs) -> dict:
-    """The KL / agreement numbers of `teacher_forced_kl` from two models' outputs (plain floats and lists)."""
-    if base.slow_logp.shape != other.slow_logp.shape or base.fast_logp.shape != other.fast_logp.shape:
+    """The KL / agreement numbers of `teacher_forced_kl` from two models' outputs (plain floats and lists).
+    No fast_* keys when the models have no fast AR (a text LM)."""
+    if _shape(base.slow_logp) != _shape(other.slow_logp) or _shape(base.fast_logp) != _shape(other.fast_logp):
         raise ValueError("outputs were computed on different token matrices")
     skl = kl_rows(base.slow_logp, other.slow_logp)                              # [N]
     stop = (base.slow_logp.argmax(-1) == other.slow_logp.argmax(-1)).to(MATH_DTYPE)
-    fkl = kl_rows(base.fast_logp, other.fast_logp)                              # [M, C-1]
-    ftop = (base.fast_logp.argmax(-1) == other.fast_logp.argmax(-1)).to(MATH_DTYPE)
-    n_cb = base.fast_logp.size(1)
-    return {
+    slow = {
         "slow_kl_mean": _mean(skl),
+        "slow_kl_median": percentile(skl, 50),
         "slow_kl_p99": percentile(skl, 99),
         "slow_kl_max": float(skl.max()) if skl.numel() else math.nan,
         "slow_top1": _mean(stop),
         "slow_positions": int(skl.numel()),
+    }
+    if base.slow_nll is not None and other.slow_nll is not None:
+        ok = base.slow_nll.isfinite() & other.slow_nll.isfinite()
+        nb, no = _mean(base.slow_nll[ok]), _mean(other.slow_nll[ok])
+        slow.update(slow_ln_ppl_ratio=no - nb, slow_ppl_base=math.exp(nb), slow_ppl=math.exp(no))
+    if base.fast_logp is None:
+        return slow
+    fkl = kl_rows(base.fast_logp, other.fast_logp)                              # [M, C-1]
+    ftop = (base.fast_logp.argmax(-1) == other.fast_logp.argmax(-1)).to(MATH_DTYPE)
+    n_cb = base.fast_logp.size(1)
+    return {
+        **slow,
         "fast_kl_mean": _mean(fkl),
         "fast_kl_p99": percentile(fkl, 99),
         "fast_kl_max": float(fkl.max()) if fkl.numel() else math.nan,
@@ -218,9 +301,10 @@ def teacher_forced_kl(base: DualARTransformer, other: DualARTransformer, tokens:
     """KL(base || other) and top-1 agreement of the slow AR (restricted to semantic ids + <|im_end|>) and the
     fast AR (codebooks 1..C-1, full codebook, each model on its own hidden state), teacher-forced on the same
     matrix `tokens` [C+1, T] (prompt of `prompt_len` columns, then base-generated frames). See the module
-    docstring. Keys: slow_kl_mean, slow_kl_p99, slow_kl_max, slow_top1, slow_positions, fast_kl_mean,
-    fast_kl_p99, fast_kl_max, fast_top1, fast_frames, fast_codebooks [1..C-1], fast_kl_mean_by_codebook,
-    fast_kl_p99_by_codebook, fast_top1_by_codebook (lists of length C-1).
+    docstring. Keys: slow_kl_mean, slow_kl_median, slow_kl_p99, slow_kl_max, slow_top1, slow_positions,
+    slow_ln_ppl_ratio, slow_ppl_base, slow_ppl, and (not for a text LM) fast_kl_mean, fast_kl_p99, fast_kl_max,
+    fast_top1, fast_frames, fast_codebooks [1..C-1], fast_kl_mean_by_codebook, fast_kl_p99_by_codebook,
+    fast_top1_by_codebook (lists of length C-1).
 
     base_out: `model_outputs(base, tokens, prompt_len)` computed once, to compare several models with one base
     run (it must come from the same base and matrix)."""
@@ -235,10 +319,14 @@ def fidelity_report(base: DualARTransformer, other: DualARTransformer, tokens: T
     slow_kl_p99, slow_top1, fast_kl_mean, fast_top1, ...), plus fast_per_codebook = [{codebook, kl_mean,
     kl_p99, top1}, ...] for tables, the matrix size and the method in words. base_out: see `teacher_forced_kl`."""
     r = teacher_forced_kl(base, other, tokens, prompt_len, base_out)
+    dtypes = dict(base_dtype=str(base.dtype).replace("torch.", ""), other_dtype=str(other.dtype).replace("torch.", ""))
+    if _is_text_lm(base):
+        r.update(rows=int(tokens.size(0)), context=int(prompt_len), row_tokens=int(tokens.size(1)), **dtypes,
+                 method=TEXT_METHOD_NOTE)
+        return r
     r["fast_per_codebook"] = [{"codebook": c, "kl_mean": m, "kl_p99": p, "top1": a} for c, m, p, a in zip(
         r["fast_codebooks"], r["fast_kl_mean_by_codebook"], r["fast_kl_p99_by_codebook"], r["fast_top1_by_codebook"])]
-    r.update(prompt_len=int(prompt_len), generated_frames=int(tokens.size(1) - prompt_len),
-             base_dtype=str(base.dtype).replace("torch.", ""), other_dtype=str(other.dtype).replace("torch.", ""),
+    r.update(prompt_len=int(prompt_len), generated_frames=int(tokens.size(1) - prompt_len), **dtypes,
              method=METHOD_NOTE)
     return r
 
@@ -265,6 +353,8 @@ def default_layer_groups(cfg, n_slow_groups: int = 4) -> list[tuple[str, list[st
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         if hi > lo:
             groups.append((f"slow {_span(lo, hi - 1)}", [f"layers.{i}." for i in range(lo, hi)]))
+    if _is_text_lm(cfg):
+        return groups
     groups.append(("fast", ["fast_layers.", "fast_project_in"]))
     groups.append(("fast_output", ["fast_output"]))
     return groups
@@ -352,14 +442,14 @@ def kl_by_layer_group(base, quantized, tokens: Tensor, prompt_len: int, groups: 
     plan = [(n, [q for q in qnames if _in_group(q, p)]) for n, p in _normalise_groups(groups, base_m.cfg)]
     if include_all:
         plan.append(("all", list(qnames)))
-    keys = ("slow_kl_mean", "slow_kl_p99", "slow_top1", "fast_kl_mean", "fast_kl_p99", "fast_top1",
-            "fast_kl_mean_by_codebook")
+    keys = ("slow_kl_mean", "slow_kl_p99", "slow_top1", "slow_ln_ppl_ratio", "fast_kl_mean", "fast_kl_p99",
+            "fast_top1", "fast_kl_mean_by_codebook")
     for name, names in plan:
         if not names:
             continue
         with swapped_linears(base_m, q_m, names):
             r = compare_outputs(base_out, model_outputs(base_m, tokens, prompt_len))
-        rows.append({"group": name, "linears": names, "n_linears": len(names), **{k: r[k] for k in keys}})
+        rows.append({"group": name, "linears": names, "n_linears": len(names), **{k: r[k] for k in keys if k in r}})
     return rows
 
 
@@ -398,14 +488,16 @@ def outputs_digest(ckpt_dir: str | Path, tokens: Tensor, prompt_len: int, dtype:
 
 def save_model_outputs(path: str | Path, outputs: ModelOutputs, digest: str, meta: Mapping[str, str] | None = None
                        ) -> Path:
-    """ModelOutputs -> one safetensors file (atomic), float64 as computed, the digest in its metadata."""
+    """ModelOutputs -> one safetensors file (atomic), float64 as computed (fast_logp / slow_nll only when
+    present), the digest in its metadata."""
     from safetensors.torch import save_file
     from .io import atomic_path
     path = Path(path)
     md = {"format": OUTPUTS_FORMAT, "digest": digest, **{str(k): str(v) for k, v in (meta or {}).items()}}
+    tensors = {k: getattr(outputs, k).contiguous() for k in ("slow_logp", "fast_logp", "slow_nll")
+               if getattr(outputs, k) is not None}
     with atomic_path(path) as tmp:
-        save_file({"slow_logp": outputs.slow_logp.contiguous(), "fast_logp": outputs.fast_logp.contiguous()},
-                  str(tmp), metadata=md)
+        save_file(tensors, str(tmp), metadata=md)
     return path
 
 
@@ -419,7 +511,9 @@ def load_model_outputs(path: str | Path, digest: str | None = None) -> ModelOutp
         md = f.metadata() or {}
         if md.get("format") != OUTPUTS_FORMAT or (digest is not None and md.get("digest") != digest):
             return None
-        return ModelOutputs(f.get_tensor("slow_logp"), f.get_tensor("fast_logp"))
+        keys = set(f.keys())
+        get = lambda k: f.get_tensor(k) if k in keys else None  # noqa: E731
+        return ModelOutputs(get("slow_logp"), get("fast_logp"), get("slow_nll"))
 
 
 @dataclass
@@ -503,8 +597,8 @@ def kl_by_layer_group_from_checkpoint(base: DualARTransformer, quantized_dir: st
     qnames = [n for n in linear_names(base) if n in {hf_to_internal(k)[: -len(".weight")] for k in q["tensors"]}]
     if base_out is None:
         base_out = model_outputs(base, tokens, prompt_len)
-    keys = ("slow_kl_mean", "slow_kl_p99", "slow_top1", "fast_kl_mean", "fast_kl_p99", "fast_top1",
-            "fast_kl_mean_by_codebook")
+    keys = ("slow_kl_mean", "slow_kl_p99", "slow_top1", "slow_ln_ppl_ratio", "fast_kl_mean", "fast_kl_p99",
+            "fast_top1", "fast_kl_mean_by_codebook")                  # kl_by_layer_group's row keys
     rows = []
     for name, prefixes in _normalise_groups(groups, base.cfg):
         names = [n for n in qnames if _in_group(n, prefixes)]
@@ -514,7 +608,7 @@ def kl_by_layer_group_from_checkpoint(base: DualARTransformer, quantized_dir: st
         with swapped_linears(base, donor, names):
             r = compare_outputs(base_out, model_outputs(base, tokens, prompt_len))
         del donor
-        rows.append({"group": name, "linears": names, "n_linears": len(names), **{k: r[k] for k in keys}})
+        rows.append({"group": name, "linears": names, "n_linears": len(names), **{k: r[k] for k in keys if k in r}})
     return rows
 
 

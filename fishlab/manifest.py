@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 
 from . import spec
-from .config import CodecConfig, DualARConfig, ModelConfig
+from .config import CodecConfig, DualARConfig, ModelConfig, TextLMConfig
 
 COMPONENTS = ("slow_ar", "fast_ar", "embeddings", "norms", "codec")
 PROJECTIONS = ("wqkv", "wo", "w1", "w2", "w3")
@@ -75,17 +75,23 @@ def _ar_layer(prefix: str, i: int, dim: int, qkv_rows: int, q_width: int, head_d
     return out
 
 
-def transformer_manifest(c: DualARConfig, dtype: str | None = None) -> list[TensorSpec]:
+def transformer_manifest(c: DualARConfig | TextLMConfig, dtype: str | None = None) -> list[TensorSpec]:
+    """S2 Pro's DualAR tensors in file order; for a text LM (`TextLMConfig`) the slow-AR part alone (token
+    table = tied head, the layers, the final norm) under the same names."""
     dt = dtype or c.dtype
     t, a = spec.HF_TEXT_PREFIX, spec.HF_AUDIO_PREFIX
+    text_lm = isinstance(c, TextLMConfig)
     out = [TensorSpec(t + "embeddings.weight", (c.vocab_size, c.dim), dt, "embeddings", "embedding",
-                      "slow_embeddings_tied_head"),
-           TensorSpec(a + "codebook_embeddings.weight", (c.codebook_size * c.num_codebooks, c.dim), dt,
-                      "embeddings", "embedding", "slow_codebook_embeddings")]
+                      "slow_embeddings_tied_head")]
+    if not text_lm:
+        out.append(TensorSpec(a + "codebook_embeddings.weight", (c.codebook_size * c.num_codebooks, c.dim), dt,
+                              "embeddings", "embedding", "slow_codebook_embeddings"))
     for i in range(c.n_layer):
         out += _ar_layer(t, i, c.dim, c.qkv_rows, c.q_width, c.head_dim, c.intermediate_size,
                          c.attention_qk_norm, dt, "slow_ar", "slow_layers")
     out.append(TensorSpec(t + "norm.weight", (c.dim,), dt, "norms", "norm", "slow_final_norm"))
+    if text_lm:
+        return _with_internal(out)
     out.append(TensorSpec(a + "embeddings.weight", (c.codebook_size, c.fast_dim), dt, "embeddings", "embedding",
                           "fast_embeddings"))
     if c.has_fast_project_in:
@@ -97,8 +103,12 @@ def transformer_manifest(c: DualARConfig, dtype: str | None = None) -> list[Tens
     out.append(TensorSpec(a + "norm.weight", (c.fast_dim,), dt, "norms", "norm", "fast_norm"))
     out.append(TensorSpec(a + "output.weight", (c.codebook_size, c.fast_dim), dt, "fast_ar", "linear",
                           "fast_output", projection="output"))
+    return _with_internal(out)
+
+
+def _with_internal(specs: list[TensorSpec]) -> list[TensorSpec]:
     return [TensorSpec(s.name, tuple(s.shape), s.dtype, s.component, s.kind, s.group, hf_to_internal(s.name),
-                       s.layer, s.projection) for s in out]
+                       s.layer, s.projection) for s in specs]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,7 +222,7 @@ def codec_manifest(c: CodecConfig, dtype: str = "float32") -> list[TensorSpec]:
 
 
 def manifest(cfg: ModelConfig) -> list[TensorSpec]:
-    return transformer_manifest(cfg.transformer) + codec_manifest(cfg.codec)
+    return transformer_manifest(cfg.transformer) + ([] if cfg.codec is None else codec_manifest(cfg.codec))
 
 
 def totals(specs: list[TensorSpec], by: str = "component") -> dict[str, dict]:
@@ -226,9 +236,10 @@ def totals(specs: list[TensorSpec], by: str = "component") -> dict[str, dict]:
     return out
 
 
-def linear_targets(c: DualARConfig, target: str) -> list[TensorSpec]:
+def linear_targets(c: DualARConfig | TextLMConfig, target: str) -> list[TensorSpec]:
     """The linear weights a quantization target covers: `slow` = every slow-AR layer linear (5 per layer),
-    `all` = slow + fast layers + fast output (+ fast_project_in when present)."""
+    `all` = slow + fast layers + fast output (+ fast_project_in when present). A text LM has only decoder
+    linears: both targets cover every one of them."""
     specs = [s for s in transformer_manifest(c) if s.kind == "linear"]
     if target == "slow":
         return [s for s in specs if s.component == "slow_ar"]

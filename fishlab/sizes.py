@@ -88,7 +88,7 @@ def estimate(cfg: ModelConfig, name: str, rule: Callable[[TensorSpec], dict | No
             nparams += s.numel
         per[s.component] += b["data"] + b["scales"]
         scales += b["scales"]
-    if codec_dtype:
+    if codec_dtype and cfg.codec is not None:
         per["codec"] = sum(s.numel for s in codec_manifest(cfg.codec)) * spec.DTYPE_BYTES[codec_dtype]
     else:
         del per["codec"]

@@ -16,6 +16,8 @@ QUANT_FILE = "quantization.json"  # fishlab's readable description of a quantize
 MODEL_TYPE = "fish_qwen3_omni"
 TEXT_MODEL_TYPE = "fish_qwen3"
 AUDIO_DECODER_MODEL_TYPE = "fish_qwen3_audio_decoder"
+# fishlab's own config.json type for a plain text LM of the slow-AR family (the trained proxy model)
+TEXT_LM_MODEL_TYPE = "fishlab_text_lm"
 
 # HF -> internal name rule (spec §3.2)
 HF_TEXT_PREFIX = "text_model.model."

@@ -97,19 +97,20 @@ class QKNorm(RMSNorm):
 # Rotary embedding (§5.4)
 # ----------------------------------------------------------------------------------------------------
 
-def rope_table(positions: Tensor, head_dim: int, base: float) -> Tensor:
+def rope_table(positions: Tensor, head_dim: int, base: float, dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """bf16 (cos, sin) rows for the given absolute positions: [len(positions), head_dim/2, 2].
 
     angle[t, i] = float32(t) * inv_freq[i], inv_freq[i] = 1 / base^(float32(2i)/d), both in fp32. cos/sin go
     through the unit complex number (torch.polar), as the reference does, then are rounded to bfloat16 whatever
     the model dtype is. Each row depends on its own position only, so computing just the rows in use gives
-    exactly the rows of the reference's full table.
+    exactly the rows of the reference's full table. `dtype=torch.float32` keeps the fp32 table that
+    llama-family runtimes use (the text LM of `fishlab.model.textlm`); S2 Pro always rounds to bfloat16.
     """
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device,
                                             dtype=torch.float32)[: head_dim // 2] / head_dim))
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     z = torch.polar(torch.ones_like(angles), angles)
-    return torch.stack([z.real, z.imag], dim=-1).to(torch.bfloat16)
+    return torch.stack([z.real, z.imag], dim=-1).to(dtype)
 
 
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:

@@ -34,15 +34,16 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..checkpoint import CheckpointError, load_transformer_state_dict
-from ..config import DualARConfig, load_transformer_config
+from ..config import DualARConfig, TextLMConfig, load_transformer_config
 from ..manifest import hf_to_internal
 from ..quant.primitives import QTensor, QuantError, SchemeError, dequantize_tensor
 from ..quant.qlinear import QuantizedLinear
 from .dualar import TORCH_DTYPES, DualARTransformer, KVCache, linear_names, replace_linears
+from .textlm import TextLM
 
-__all__ = ["CheckpointError", "LinearFactory", "linear_from_tensors", "build_transformer", "load_transformer",
-           "load_quantized_transformer", "is_quantized_checkpoint", "model_weight_bytes", "prepare_linears",
-           "routes"]
+__all__ = ["CheckpointError", "LinearFactory", "linear_from_tensors", "model_class", "build_transformer",
+           "load_transformer", "load_quantized_transformer", "is_quantized_checkpoint", "model_weight_bytes",
+           "prepare_linears", "routes"]
 
 log = logging.getLogger("fishlab.model")
 
@@ -66,9 +67,14 @@ def _shape(t: Tensor | QTensor) -> tuple:
     return tuple(t.shape)
 
 
-def build_transformer(cfg: DualARConfig, tensors: dict[str, Tensor | QTensor],
+def model_class(cfg: DualARConfig | TextLMConfig) -> type[nn.Module]:
+    """The module a config builds: `TextLM` for a text LM, else S2 Pro's `DualARTransformer`."""
+    return TextLM if isinstance(cfg, TextLMConfig) else DualARTransformer
+
+
+def build_transformer(cfg: DualARConfig | TextLMConfig, tensors: dict[str, Tensor | QTensor],
                       linear_factory: LinearFactory = linear_from_tensors, source: str = "checkpoint",
-                      consume: bool = False) -> DualARTransformer:
+                      consume: bool = False) -> DualARTransformer | TextLM:
     """Assemble a model from {internal name: tensor or QTensor} (already on the target device and dtype).
 
     Linear modules come from `linear_factory(module_name, {suffix: tensor})`; everything else (embeddings,
@@ -78,7 +84,7 @@ def build_transformer(cfg: DualARConfig, tensors: dict[str, Tensor | QTensor],
     does not keep tensors alive that the factory replaced (e.g. INT4 data re-laid out for the CPU kernel).
     """
     with torch.device("meta"):
-        model = DualARTransformer(cfg)
+        model = model_class(cfg)(cfg)
     rest = tensors if consume else dict(tensors)
     expected_shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
@@ -160,8 +166,9 @@ def is_quantized_checkpoint(ckpt_dir: str | Path) -> bool:
 
 
 def load_transformer(ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-                     ) -> DualARTransformer:
-    """config.json + weights (index + shards, or model.safetensors) -> DualARTransformer in eval mode.
+                     ) -> DualARTransformer | TextLM:
+    """config.json + weights (index + shards, or model.safetensors) -> DualARTransformer (or `TextLM` for a
+    fishlab text-LM checkpoint) in eval mode.
 
     dtype=None uses the config's dtype (bfloat16 for S2 Pro, float32 for the golden sets). Strict: the
     checkpoint must hold exactly the manifest's tensors with the manifest's shapes, else `CheckpointError`.
@@ -178,7 +185,7 @@ def load_transformer(ckpt_dir: str | Path, device: str | torch.device = "cpu", d
 
 
 def load_quantized_transformer(ckpt_dir: str | Path, device: str | torch.device = "cpu",
-                               dtype: torch.dtype | None = None) -> DualARTransformer:
+                               dtype: torch.dtype | None = None) -> DualARTransformer | TextLM:
     """A fishlab quantized checkpoint -> DualARTransformer whose quantized linears are `QuantizedLinear`s.
 
     Packed data and scales stay as stored (moved to `device`); every other float tensor is cast to `dtype`
