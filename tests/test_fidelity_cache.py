@@ -101,3 +101,12 @@ def test_layer_groups_from_checkpoint_equal_swapping_a_resident_model(base_dir, 
     assert [n for n, _ in donor.named_modules()][-1] == "layers.1.attention.wo" and len(list(donor.modules())) == 5
     with pytest.raises(ValueError, match="not quantized"):
         quantized_linears_from_checkpoint(qdir, ["embeddings"], "cpu", torch.float32)
+
+
+def test_save_load_without_fast_outputs(tmp_path):
+    """A text LM's outputs (no fast AR: fast_logp None, with next-token NLLs) round-trip too."""
+    from fishlab.fidelity import ModelOutputs
+    out = ModelOutputs(torch.randn(5, 7, dtype=torch.float64), None, torch.rand(5, dtype=torch.float64))
+    back = load_model_outputs(save_model_outputs(tmp_path / "t.safetensors", out, "d"), "d")
+    assert back.fast_logp is None and torch.equal(back.slow_logp, out.slow_logp)
+    assert torch.equal(back.slow_nll, out.slow_nll)
