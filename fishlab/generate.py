@@ -114,11 +114,12 @@ class DecodeSteps:
     - `slow(column [C+1], pos [1]) -> (allowed logits [A], hidden [dim])`: `decode_step_static`;
     - `fast(x, i) -> logits [1, 1, codebook]`: the fast step at position i (compiled: `fast_step_static` with the
       position as a device tensor, so one graph serves every position).
-    Sampling and the fast embedding lookup run between these calls (eager).
+    Sampling and the fast embedding lookup run between these calls (eager). Compiled calls each begin a CUDA
+    graph step and return copies (a graph's outputs are overwritten by its next replay; the fast loop keeps
+    every position's logits).
     """
 
     def __init__(self, model: DualARTransformer, compile: bool = False, mode: str = COMPILE_MODE):
-        self.model, self.compiled = model, compile
         self.ids = allowed_slow_ids(model.cfg, model.device)
         if not compile:
             self.slow, self.fast = model.decode_step_static, model.fast_step
@@ -129,9 +130,20 @@ class DecodeSteps:
             opts = dict(mode=mode, fullgraph=True)
             cache[key] = (torch.compile(model.decode_step_static, **opts),
                           torch.compile(model.fast_step_static, **opts))
-        self.slow, fast_static = cache[key]
+        slow_c, fast_c = cache[key]
         positions = [torch.tensor([i], device=model.device) for i in range(model.cfg.num_codebooks)]
-        self.fast = lambda x, i: fast_static(x, positions[i])
+        mark = getattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+
+        def slow(column: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+            mark()
+            logits, hidden = slow_c(column, pos)
+            return logits.clone(), hidden.clone()
+
+        def fast(x: Tensor, i: int) -> Tensor:
+            mark()
+            return fast_c(x, positions[i]).clone()
+
+        self.slow, self.fast = slow, fast
 
 
 def _full_vocab(logits: Tensor, ids: Tensor, vocab: int) -> Tensor:
