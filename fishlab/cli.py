@@ -78,6 +78,8 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created; must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once the new one is complete)")
     p.add_argument("--no-metrics", action="store_true", help="skip the per-tensor weight-error metrics (faster)")
+    p.add_argument("--device", metavar="DEV", help="quantize and measure each tensor on this device (e.g. cuda); "
+                   "default: the CPU streaming path")
     p.add_argument("--params-dir", metavar="DIR", help="where phase names are looked up (default: params/ of the repo)")
 
 
@@ -99,7 +101,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     try:
         phase = load_phase(args.phase, args.params_dir)
         r = quantize_checkpoint(ckpt, args.out, phase, overwrite=args.overwrite, with_metrics=not args.no_metrics,
-                                progress=sys.stderr.isatty())
+                                progress=sys.stderr.isatty(), device=args.device)
     except _user_errors() as e:
         raise UserError(str(e)) from None
     measured, predicted = r["measured_bytes"], r["predicted"]["total"]

@@ -328,9 +328,12 @@ class _Pending:
     with_metrics: bool
     reader: _ReadAhead
     worker: _MetricsWorker | None = None
+    device: torch.device | None = None
     qt: QTensor | None = None
 
     def qdata(self) -> torch.Tensor:
+        if self.device is not None:
+            return self._qdata_on_device()
         if self.with_metrics and self.worker is not None:
             return self._qdata_pipelined()
         w = self.reader.read(self.info, reuse=True)
@@ -342,6 +345,21 @@ class _Pending:
             m.update(component=self.spec_.component, projection=self.spec_.projection, layer=self.spec_.layer,
                      group=self.spec_.group, shape=list(self.spec_.shape))
             self.metrics[self.info.name] = m
+        return self.qt.qdata
+
+    def _qdata_on_device(self) -> torch.Tensor:
+        """The whole tensor on the device (a GPU): quantize_tensor and weight_error there, results back."""
+        w = self.reader.read(self.info).to(self.device)
+        try:
+            qt = quantize_tensor(self.info.name, w, self.scheme)
+        except QuantError as e:
+            raise QuantizeError(f"{e}; nothing was written") from e
+        if self.with_metrics:
+            m = weight_error(w, dequantize_tensor(qt, torch.float32), qt.scale)
+            m.update(component=self.spec_.component, projection=self.spec_.projection, layer=self.spec_.layer,
+                     group=self.spec_.group, shape=list(self.spec_.shape))
+            self.metrics[self.info.name] = m
+        self.qt = qt.to("cpu")
         return self.qt.qdata
 
     def _qdata_pipelined(self) -> torch.Tensor:
@@ -375,9 +393,14 @@ def _existing_parent(p: Path) -> Path:
 
 
 def quantize_checkpoint(src: str | Path, out: str | Path, phase: Phase, overwrite: bool = False,
-                        with_metrics: bool = True, progress: bool = False) -> dict:
+                        with_metrics: bool = True, progress: bool = False,
+                        device: str | torch.device | None = None) -> dict:
     """Write `phase` applied to the checkpoint `src` into the directory `out`; returns quantization.json's
-    content (with the metrics under 'metrics')."""
+    content (with the metrics under 'metrics').
+
+    device=None: the CPU streaming path (blocked in-place kernel, measuring threads). device="cuda" (or any
+    torch device): each target tensor is moved there whole and quantized (`quantize_tensor`) and measured
+    (`metrics.weight_error`) on it; reading and writing stay streamed on the host. Both give the same bytes."""
     src, out = Path(src).resolve(), Path(out).resolve()
     if out == src or src in out.parents:
         raise QuantizeError(f"output {out} must not be the input checkpoint or inside it")
@@ -402,11 +425,12 @@ def quantize_checkpoint(src: str | Path, out: str | Path, phase: Phase, overwrit
     plan: list[OutTensor] = []
     descriptions: dict[str, dict] = {}
     reader = _ReadAhead([infos[s.name] for s in specs])     # the order write_sharded reads them in
-    worker = _MetricsWorker(METRICS_THREADS) if with_metrics and METRICS_THREADS else None
+    device = None if device is None else torch.device(device)
+    worker = _MetricsWorker(METRICS_THREADS) if with_metrics and METRICS_THREADS and device is None else None
     for s in specs:
         info = infos[s.name]
         if s.name in targets:
-            p = _Pending(info, s, scheme, metrics, with_metrics, reader, worker)
+            p = _Pending(info, s, scheme, metrics, with_metrics, reader, worker, device)
             desc = _planned_description(s, info, scheme)
             descriptions[s.name] = desc
             plan.append(OutTensor(s.name + ".qdata", (desc["qdata_nbytes"],), "uint8", p.qdata))
