@@ -115,6 +115,8 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created; must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once the new one is complete)")
     p.add_argument("--no-metrics", action="store_true", help="skip the per-tensor weight-error metrics (faster)")
+    p.add_argument("--device", metavar="DEV", help="quantize and measure each tensor on this device (e.g. cuda); "
+                   "default: the CPU streaming path")
     p.add_argument("--params-dir", metavar="DIR", help="where phase names are looked up (default: params/ of the repo)")
 
 
@@ -136,7 +138,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     try:
         phase = load_phase(args.phase, args.params_dir)
         r = quantize_checkpoint(ckpt, args.out, phase, overwrite=args.overwrite, with_metrics=not args.no_metrics,
-                                progress=sys.stderr.isatty())
+                                progress=sys.stderr.isatty(), device=args.device)
     except _user_errors() as e:
         raise UserError(str(e)) from None
     measured, predicted = r["measured_bytes"], r["predicted"]["total"]
@@ -212,6 +214,8 @@ def add_tts_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=1024, help="frames per text batch (default %(default)s)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode steps (CUDA graphs on a GPU; the first call compiles for minutes)")
     p.add_argument("--work-dir", metavar="DIR", help="where --phase outputs are cached (default: FISHLAB_CACHE)")
     p.add_argument("--params-dir", metavar="DIR", help="where phases are read (default: params/ of the repo)")
 
@@ -243,7 +247,7 @@ def cmd_tts(args: argparse.Namespace) -> int:
         audio, codes, info = synthesize(model, codec, tok, args.text, reference=args.reference,
                                         reference_text=args.reference_text, seed=args.seed,
                                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                        max_new_tokens=args.max_new_tokens)
+                                        max_new_tokens=args.max_new_tokens, compile=args.compile)
         write_wav(args.out, audio, codec.sample_rate)
     except (*_user_errors(), ValueError) as e:
         raise UserError(str(e)) from None

@@ -254,32 +254,41 @@ def phase_listening(src: Path, quantized: Path, phase: Phase, settings, output_d
     similarity. Writes the wavs into <output_dir>/audio/."""
     from . import samples as S
     from .asr import word_error
-    from .fidelity import fidelity_report, kl_by_layer_group
-    from .model.load import load_transformer, model_weight_bytes
+    from .fidelity import cached_model_outputs, fidelity_report, kl_by_layer_group_from_checkpoint
+    from .model.load import load_transformer, model_weight_bytes, routes
+    from .tokenizer import load_tokenizer
 
     audio_dir = Path(output_dir) / "audio"
     ref, base = S.base_samples(src, Path(work_dir), settings)
     S.publish([ref["wav"], base["tts"]["wav"], base["clone"]["wav"]], audio_dir)
-    model, codec, tok = S.load_stack(quantized, settings.dtype)
+    # one model resident at a time: the base's teacher-forced outputs are cached on disk (base loaded alone)
+    dtype, device = getattr(torch, settings.dtype), "cuda" if torch.cuda.is_available() else "cpu"
+    tokens, P = S.sample_tokens(load_tokenizer(src), settings.text, S.load_codes(base["tts"]["wav"]),
+                                load_config(src).transformer.semantic_begin_id)
+    base_cached = cached_model_outputs(src, tokens, P, Path(work_dir) / "samples", dtype, device)
+    model, codec, tok = S.load_stack(quantized, settings.dtype, device)
     mine = S.synthesize_pair(model, codec, tok, settings, Path(ref["wav"]), audio_dir, phase.name)
-    weights = model_weight_bytes(model)
-
-    base_model = load_transformer(src, device=next(model.parameters()).device, dtype=getattr(torch, settings.dtype))
-    tokens, P = S.sample_tokens(tok, settings.text, S.load_codes(base["tts"]["wav"]), model.cfg.semantic_begin_id)
+    weights, model_routes = model_weight_bytes(model), routes(model)
     with S.threads_for(model):
-        fid = fidelity_report(base_model, model, tokens, P)
-        groups = kl_by_layer_group(base_model, model, tokens, P) if layer_groups else []
-    base_weights = model_weight_bytes(base_model)
-    del base_model
+        fid = fidelity_report(base_cached, model, tokens, P, base_cached.outputs)
+    del model
+    groups = []
+    if layer_groups:                      # the base alone + one group's packed linears at a time
+        base_model = load_transformer(src, device=device, dtype=dtype)
+        with S.threads_for(base_model):
+            groups = kl_by_layer_group_from_checkpoint(base_model, quantized, tokens, P, base_out=base_cached.outputs)
+        del base_model
+    base_weights = base_cached.weight_bytes
 
     out = {"reference": ref, "base": base, "samples": mine, "fidelity": fid, "kl_by_layer_group": groups,
-           "weight_bytes": weights, "base_weight_bytes": base_weights, "settings": settings.key(str(src)),
+           "weight_bytes": weights, "base_weight_bytes": base_weights, "routes": model_routes,
+           "settings": settings.key(str(src)),
            "wer": word_error(asr_model, settings.text, {"base_tts": base["tts"]["wav"], "tts": mine["tts"]["wav"],
                                                        "clone": mine["clone"]["wav"],
                                                        "base_clone": base["clone"]["wav"]})}
     if speaker:
         emb = lambda p: _speaker_embedding(p, codec.sample_rate, cache=Path(p).parent != audio_dir)  # noqa: E731
-        with S.threads_for(model):
+        with S.threads_for(codec):
             e = {k: emb(p) for k, p in (("ref", ref["wav"]), ("base_tts", base["tts"]["wav"]),
                                         ("base_clone", base["clone"]["wav"]), ("tts", mine["tts"]["wav"]),
                                         ("clone", mine["clone"]["wav"]))}
