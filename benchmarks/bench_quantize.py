@@ -5,7 +5,8 @@
 
 (a) floor: the same bytes read (every tensor, with the reader quantize uses) and the same number of bytes
     written (same plan, same streaming writer, same shard count), no quantization;
-(b) the phase, with and without metrics, each in a fresh subprocess: wall time and peak RSS (VmHWM).
+(b) the phase, with and without metrics, each in a fresh subprocess: wall time and peak RSS (VmHWM);
+    --metrics-threads 1 2 runs the with-metrics case once per number of measuring threads.
 With --cold (default) the input shards are dropped from the page cache (posix_fadvise DONTNEED) before each
 measurement, so every run reads from disk. Outputs go beside --out (default: beside the checkpoint) and are
 deleted afterwards.
@@ -70,7 +71,10 @@ CHILD = r"""
 import json, resource, sys, time, os
 sys.path.insert(0, sys.argv[1])
 from fishlab.phases import load_phase
+from fishlab.quant import apply
 from fishlab.quant.apply import quantize_checkpoint
+if sys.argv[6] != "default":
+    apply.METRICS_THREADS = int(sys.argv[6])
 t0 = time.perf_counter()
 r = quantize_checkpoint(sys.argv[2], sys.argv[3], load_phase(sys.argv[4]), with_metrics=sys.argv[5] == "1")
 os.sync()
@@ -82,8 +86,9 @@ print(json.dumps({"wall": wall, "vmhwm_kb": int(hwm), "maxrss_kb": resource.getr
 """
 
 
-def run_phase(ckpt: Path, phase_arg: str, out: Path, metrics: bool) -> dict:
-    p = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(ckpt), str(out), phase_arg, "1" if metrics else "0"],
+def run_phase(ckpt: Path, phase_arg: str, out: Path, metrics: bool, metrics_threads: str = "default") -> dict:
+    p = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(ckpt), str(out), phase_arg, "1" if metrics else "0",
+                        metrics_threads],
                        capture_output=True, text=True)
     if p.returncode:
         raise SystemExit(f"quantize failed:\n{p.stderr}")
@@ -97,6 +102,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="scratch folder for the outputs (default: beside the checkpoint)")
     ap.add_argument("--warm", action="store_true", help="do not drop the input from the page cache between runs")
     ap.add_argument("--skip", nargs="*", default=[], choices=("floor", "nometrics", "metrics"))
+    ap.add_argument("--metrics-threads", nargs="*", default=["default"],
+                    help="with-metrics runs with these fishlab.quant.apply.METRICS_THREADS values, side by side "
+                         "(default: the module's)")
     a = ap.parse_args(argv)
     ckpt = a.checkpoint.resolve()
     phase = load_phase(a.phase)
@@ -112,11 +120,14 @@ def main(argv=None) -> int:
             shutil.rmtree(scratch / "floor")
             rows.append(("floor (read + write, no quant)", s, None, out_b))
             print(f"floor: {s:.1f} s, read {in_bytes / 1e9:.2f} GB, wrote {out_b / 1e9:.2f} GB", flush=True)
-        for name, metrics in (("phase, no metrics", False), ("phase, with metrics", True)):
+        runs = [("phase, no metrics", False, "default")] + [
+            (f"phase, with metrics{'' if t == 'default' else f' ({t} measuring threads)'}", True, t)
+            for t in a.metrics_threads]
+        for name, metrics, threads in runs:
             if ("metrics" if metrics else "nometrics") in a.skip:
                 continue
             a.warm or drop_cache(ckpt)
-            r = run_phase(ckpt, a.phase, scratch / "q", metrics)
+            r = run_phase(ckpt, a.phase, scratch / "q", metrics, threads)
             shutil.rmtree(scratch / "q")
             rows.append((name, r["wall"], r["vmhwm_kb"] / 1e6 * 1.024, r["measured_bytes"]))
             print(f"{name}: {json.dumps(r)}", flush=True)

@@ -203,6 +203,23 @@ def read_tensor_into(info: TensorInfo, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def iter_row_blocks(info: TensorInfo, max_elems: int = 1 << 24) -> Iterator[torch.Tensor]:
+    """A tensor's rows (dim 0) in consecutive blocks of at most ~max_elems values, each read with plain file
+    reads into one reused buffer (valid until the next block is read), so a streaming writer holds one block of
+    a 0.8 GB embedding, not all of it."""
+    shape = tuple(info.shape) or (1,)
+    row = math.prod(shape[1:])
+    rows_per = max(1, max_elems // max(1, row))
+    dtype = torch_dtype(info.dtype)
+    buf = torch.empty((min(rows_per, shape[0]),) + shape[1:], dtype=dtype)
+    item = spec.DTYPE_BYTES[info.dtype]
+    for r0 in range(0, shape[0], rows_per):
+        n = min(rows_per, shape[0] - r0)
+        off = info.start + r0 * row * item
+        block = TensorInfo(info.name, (n,) + shape[1:], info.dtype, info.file, off, off + n * row * item)
+        yield read_tensor_into(block, buf[:n])
+
+
 def iter_tensors(infos: dict[str, TensorInfo], names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) one at a time (`read_tensor`), so only the tensor in hand is resident."""
     for n in (list(names) if names is not None else list(infos)):

@@ -115,6 +115,8 @@ def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created; must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (only once the new one is complete)")
     p.add_argument("--no-metrics", action="store_true", help="skip the per-tensor weight-error metrics (faster)")
+    p.add_argument("--device", metavar="DEV", help="quantize and measure each tensor on this device (e.g. cuda); "
+                   "default: the CPU streaming path")
     p.add_argument("--params-dir", metavar="DIR", help="where phase names are looked up (default: params/ of the repo)")
 
 
@@ -136,7 +138,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     try:
         phase = load_phase(args.phase, args.params_dir)
         r = quantize_checkpoint(ckpt, args.out, phase, overwrite=args.overwrite, with_metrics=not args.no_metrics,
-                                progress=sys.stderr.isatty())
+                                progress=sys.stderr.isatty(), device=args.device)
     except _user_errors() as e:
         raise UserError(str(e)) from None
     measured, predicted = r["measured_bytes"], r["predicted"]["total"]
@@ -212,6 +214,8 @@ def add_tts_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=1024, help="frames per text batch (default %(default)s)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode steps (CUDA graphs on a GPU; the first call compiles for minutes)")
     p.add_argument("--work-dir", metavar="DIR", help="where --phase outputs are cached (default: FISHLAB_CACHE)")
     p.add_argument("--params-dir", metavar="DIR", help="where phases are read (default: params/ of the repo)")
 
@@ -243,7 +247,7 @@ def cmd_tts(args: argparse.Namespace) -> int:
         audio, codes, info = synthesize(model, codec, tok, args.text, reference=args.reference,
                                         reference_text=args.reference_text, seed=args.seed,
                                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                        max_new_tokens=args.max_new_tokens)
+                                        max_new_tokens=args.max_new_tokens, compile=args.compile)
         write_wav(args.out, audio, codec.sample_rate)
     except (*_user_errors(), ValueError) as e:
         raise UserError(str(e)) from None
@@ -251,6 +255,91 @@ def cmd_tts(args: argparse.Namespace) -> int:
           f"batch(es), stop: {info['stop_reason']}, {info['elapsed_s']:.1f} s ({info['mode']}, {ckpt.name})")
     for w in info["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# fishlab export-gguf
+# ----------------------------------------------------------------------------------------------------
+
+def add_export_gguf_arguments(p: argparse.ArgumentParser) -> None:
+    from .gguf_layout import TYPES
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="plain (bf16) checkpoint directory")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--type", choices=list(TYPES), help="GGUF type of the 2-D transformer tensors (default f16)")
+    g.add_argument("--phase", metavar="NAME|FILE", help="a fishlab phase, mapped to its nearest GGUF type")
+    p.add_argument("--out", required=True, metavar="FILE.gguf", help="output file (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (once the new one is complete)")
+    p.add_argument("--params-dir", metavar="DIR", help="where phase names are looked up (default: params/ of the repo)")
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from .export.gguf import ExportError, export_gguf
+    from .gguf_layout import NoGGUFEquivalent
+    from .phases import load_phase
+
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_dir():
+        raise UserError(f"checkpoint not found: {ckpt}")
+    try:
+        phase = load_phase(args.phase, args.params_dir) if args.phase else None
+        r = export_gguf(ckpt, args.out, args.type, phase, overwrite=args.overwrite, progress=sys.stderr.isatty())
+    except (*_user_errors(), ExportError, NoGGUFEquivalent) as e:
+        raise UserError(str(e)) from None
+    types = ", ".join(f"{n} {k}" for k, n in sorted(r["types"].items(), key=lambda kv: -kv[1]))
+    print(f"wrote {r['path']}: {r['bytes'] / 1e9:.3f} GB, {r['tensors']} tensors ({types}), {r['seconds']:.1f} s"
+          + (f"; {r['mapping']}" if r["mapping"] else ""))
+    for name, why in r["fallbacks"].items():
+        print(f"  {name}: F16 ({why})")
+    for n in r["notes"]:
+        print(f"note: {n}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# fishlab upload
+# ----------------------------------------------------------------------------------------------------
+
+def add_upload_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR|FILE.gguf",
+                   help="a quantized checkpoint (fishlab quantize output) or an exported .gguf")
+    p.add_argument("--repo", required=True, metavar="ORG/NAME", help="the hub repository")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--yes", action="store_true", help="really upload (default: a dry run that only stages)")
+    p.add_argument("--allow-synthetic", action="store_true",
+                   help="allow uploading a checkpoint made from fishlab's synthetic demo weights")
+    p.add_argument("--results", metavar="RUN_DIR",
+                   help="the run folder whose phase report measured this checkpoint (default: search renders/*)")
+    p.add_argument("--staging", metavar="DIR",
+                   help="where the folder is staged (default: FISHLAB_CACHE/hub/ORG--NAME)")
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    from .demo import cache_dir
+    from .export.hub import HubError, stage, upload
+
+    ckpt = Path(args.checkpoint).expanduser()
+    if not ckpt.exists():
+        raise UserError(f"checkpoint not found: {ckpt}")
+    staging = Path(args.staging) if args.staging else cache_dir() / "hub" / args.repo.replace("/", "--")
+    try:
+        s = stage(ckpt, args.repo, staging, args.results)
+        print(f"staged {len(s['files'])} files for {args.repo} in {s['staging']}:")
+        for name, size in s["files"].items():
+            print(f"  {size:>15,}  {name}")
+        print(f"  {sum(s['files'].values()):>15,}  in all")
+        if not s["measured"]:
+            print("note: no phase report measured this checkpoint; the card says so (see --results)")
+        print("\n----- README.md (model card) -----\n" + s["card"] + "----- end of card -----")
+        if s["synthetic"]:
+            print("SYNTHETIC: this checkpoint comes from the demo weights; uploading it needs --allow-synthetic")
+        if not args.yes:
+            print(f"dry run: nothing uploaded; pass --yes to upload to {args.repo}")
+            return 0
+        url = upload(s, private=args.private, allow_synthetic=args.allow_synthetic)
+    except (*_user_errors(), HubError) as e:
+        raise UserError(str(e)) from None
+    print(f"uploaded: {url}")
     return 0
 
 
@@ -266,6 +355,8 @@ COMMANDS: dict[str, Command] = {
     "quantize": (add_quantize_arguments, cmd_quantize),
     "sizes": (add_sizes_arguments, cmd_sizes),
     "tts": (add_tts_arguments, cmd_tts),
+    "export-gguf": (add_export_gguf_arguments, cmd_export_gguf),
+    "upload": (add_upload_arguments, cmd_upload),
 }
 
 HELP = {
@@ -274,6 +365,8 @@ HELP = {
     "quantize": "apply one phase to a checkpoint: a packed, loadable quantized checkpoint directory",
     "sizes": "the size table: every phase and GGUF type, from a config (no weights read)",
     "tts": "speak a text (optionally cloning a reference voice) with a checkpoint, optionally quantized first",
+    "export-gguf": "write a plain checkpoint as one GGUF file in the layout s2.cpp loads (f16, q8_0, q4_0, ...)",
+    "upload": "stage a quantized checkpoint with a model card for the Hugging Face hub (dry run unless --yes)",
 }
 
 

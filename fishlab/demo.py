@@ -94,6 +94,16 @@ def codec_tensor(s: TensorSpec, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=g) * shape[-1] ** -0.5
 
 
+def synthetic_codec(codec_cfg, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A `Codec` of any config (e.g. S2 Pro's, 391M parameters) with the demo's synthetic weights, built in memory
+    (no file): for memory and speed measurements where no real codec is at hand."""
+    from .model.codec_load import _meta_codec, check_codec_state_dict
+    sd = {s.name: codec_tensor(s, seed).to(device=device, dtype=dtype) for s in codec_manifest(codec_cfg)}
+    model = _meta_codec(codec_cfg)
+    model.load_state_dict(check_codec_state_dict(sd, codec_cfg, "synthetic codec"), strict=True, assign=True)
+    return model.eval()
+
+
 # ----------------------------------------------------------------------------------------------------
 # tokenizer
 # ----------------------------------------------------------------------------------------------------

@@ -451,3 +451,166 @@ def kl_by_layer_group(base, quantized, tokens: Tensor, prompt_len: int, groups: 
             r = compare_outputs(base_out, model_outputs(base_m, tokens, prompt_len))
         rows.append({"group": name, "linears": names, "n_linears": len(names), **{k: r[k] for k in keys if k in r}})
     return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# one model at a time: the base model's outputs cached on disk
+# ----------------------------------------------------------------------------------------------------
+# On real weights a bf16 base (9 GB) and a quantized model never need to be resident together: the base's
+# teacher-forced outputs on the fixed matrix are computed once (base model loaded alone, then freed) and kept
+# as a safetensors file keyed by a digest of the base checkpoint and the matrix; the phase model is then loaded
+# alone and compared with them. Layer groups swap linears read straight from the quantized checkpoint into the
+# base model, one group at a time (`kl_by_layer_group_from_checkpoint`).
+
+OUTPUTS_FORMAT = "fishlab ModelOutputs v1"
+
+
+def outputs_digest(ckpt_dir: str | Path, tokens: Tensor, prompt_len: int, dtype: torch.dtype | str,
+                   device: torch.device | str = "cpu") -> str:
+    """sha256 over what a model's outputs on the matrix depend on: the checkpoint (config.json's bytes, every
+    weight file's name, size and mtime), the token matrix, prompt_len, the dtype, the device type and the torch
+    version. A changed, replaced or copied checkpoint gives a new digest (a cache miss, never a stale hit)."""
+    import hashlib
+    from . import spec
+    d = Path(ckpt_dir).resolve()
+    h = hashlib.sha256(OUTPUTS_FORMAT.encode())
+    h.update((d / spec.CONFIG_FILE).read_bytes())
+    for f in sorted(d.iterdir()):
+        if f.is_file() and f.suffix in (".safetensors", ".json"):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    t = tokens.detach().to("cpu", torch.long).contiguous()
+    h.update(repr(tuple(t.shape)).encode() + t.numpy().tobytes())
+    dt = str(dtype).replace("torch.", "")
+    h.update(f"{int(prompt_len)}:{dt}:{torch.device(device).type}:{torch.__version__}".encode())
+    return h.hexdigest()
+
+
+def save_model_outputs(path: str | Path, outputs: ModelOutputs, digest: str, meta: Mapping[str, str] | None = None
+                       ) -> Path:
+    """ModelOutputs -> one safetensors file (atomic), float64 as computed (fast_logp / slow_nll only when
+    present), the digest in its metadata."""
+    from safetensors.torch import save_file
+    from .io import atomic_path
+    path = Path(path)
+    md = {"format": OUTPUTS_FORMAT, "digest": digest, **{str(k): str(v) for k, v in (meta or {}).items()}}
+    tensors = {k: getattr(outputs, k).contiguous() for k in ("slow_logp", "fast_logp", "slow_nll")
+               if getattr(outputs, k) is not None}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=md)
+    return path
+
+
+def load_model_outputs(path: str | Path, digest: str | None = None) -> ModelOutputs | None:
+    """The ModelOutputs saved at `path`, or None when the file is absent or was saved under another digest."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        md = f.metadata() or {}
+        if md.get("format") != OUTPUTS_FORMAT or (digest is not None and md.get("digest") != digest):
+            return None
+        keys = set(f.keys())
+        get = lambda k: f.get_tensor(k) if k in keys else None  # noqa: E731
+        return ModelOutputs(get("slow_logp"), get("fast_logp"), get("slow_nll"))
+
+
+@dataclass
+class CachedBase:
+    """Stands in for the base model where only its outputs on the matrix and its dtype are needed
+    (`fidelity_report(CachedBase(...), other, tokens, prompt_len, cached.outputs)`)."""
+    outputs: ModelOutputs
+    dtype: torch.dtype
+    digest: str
+    path: Path
+    reused: bool
+    weight_bytes: dict      # the model's `model_weight_bytes`, recorded when its outputs were computed
+
+
+def cached_model_outputs(ckpt_dir: str | Path, tokens: Tensor, prompt_len: int, cache_dir: str | Path,
+                         dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> CachedBase:
+    """The outputs of the model at `ckpt_dir` on the matrix, from `cache_dir` when computed before (same
+    digest), else computed with that model loaded ALONE (freed before returning) and saved there."""
+    import json
+    from safetensors import safe_open
+    digest = outputs_digest(ckpt_dir, tokens, prompt_len, dtype, device)
+    path = Path(cache_dir) / f"outputs-{digest[:20]}.safetensors"
+    out = load_model_outputs(path, digest)
+    reused = out is not None
+    if out is None:
+        from .model.load import load_transformer, model_weight_bytes
+        model = load_transformer(Path(ckpt_dir), device=device, dtype=dtype)
+        out = model_outputs(model, tokens, prompt_len)
+        wb = model_weight_bytes(model)
+        del model
+        save_model_outputs(path, out, digest, {"checkpoint": str(Path(ckpt_dir).resolve()), "prompt_len": prompt_len,
+                                               "dtype": str(dtype), "weight_bytes": json.dumps(wb)})
+    else:
+        with safe_open(str(path), framework="pt") as f:
+            wb = json.loads(f.metadata()["weight_bytes"])
+    return CachedBase(out, dtype, digest, path, reused, wb)
+
+
+def quantized_linears_from_checkpoint(qdir: str | Path, names: Sequence[str], device: str | torch.device,
+                                      dtype: torch.dtype) -> nn.Module:
+    """The QuantizedLinears of a quantized checkpoint at internal linear `names` only (their packed tensors are
+    the only ones read), prepared for `dtype` on `device`, in a container addressable by those names
+    (`container.get_submodule(name)`), e.g. as the donor of `swapped_linears`."""
+    from .checkpoint import read_headers, read_tensor
+    from .manifest import hf_to_internal
+    from .quant.apply import read_quantization
+    from .quant.primitives import from_description
+    from .quant.qlinear import QuantizedLinear
+    q = read_quantization(qdir)
+    if q is None:
+        raise ValueError(f"{qdir}: not a fishlab quantized checkpoint")
+    infos, _ = read_headers(qdir)
+    by_internal = {hf_to_internal(hf)[: -len(".weight")]: hf for hf in q["tensors"]}
+    root = nn.Module()
+    for name in names:
+        hf = by_internal.get(name)
+        if hf is None:
+            raise ValueError(f"{qdir}: linear {name!r} is not quantized in this checkpoint")
+        qt = from_description(q["tensors"][hf], read_tensor(infos[hf + ".qdata"]), read_tensor(infos[hf + ".scale"]),
+                              hf).to(device)
+        parent = root
+        for part in name.split(".")[:-1]:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(name.split(".")[-1], QuantizedLinear.from_qtensor(qt, compute_dtype=dtype))
+    return root
+
+
+def kl_by_layer_group_from_checkpoint(base: DualARTransformer, quantized_dir: str | Path, tokens: Tensor,
+                                      prompt_len: int, groups: GroupSpec | None = None,
+                                      base_out: ModelOutputs | None = None) -> list[dict]:
+    """`kl_by_layer_group` with only the base model resident: each group's quantized linears are read from the
+    quantized checkpoint (that group's tensors only), prepared for the base's dtype and device, swapped into the
+    base, measured, swapped out and freed. Same rows as `kl_by_layer_group`."""
+    from .manifest import hf_to_internal
+    from .quant.apply import read_quantization
+    q = read_quantization(quantized_dir)
+    if q is None:
+        raise ValueError(f"{quantized_dir}: not a fishlab quantized checkpoint")
+    qnames = [n for n in linear_names(base) if n in {hf_to_internal(k)[: -len(".weight")] for k in q["tensors"]}]
+    if base_out is None:
+        base_out = model_outputs(base, tokens, prompt_len)
+    keys = ("slow_kl_mean", "slow_kl_p99", "slow_top1", "slow_ln_ppl_ratio", "fast_kl_mean", "fast_kl_p99",
+            "fast_top1", "fast_kl_mean_by_codebook")                  # kl_by_layer_group's row keys
+    rows = []
+    for name, prefixes in _normalise_groups(groups, base.cfg):
+        names = [n for n in qnames if _in_group(n, prefixes)]
+        if not names:
+            continue
+        donor = quantized_linears_from_checkpoint(quantized_dir, names, base.device, base.dtype)
+        with swapped_linears(base, donor, names):
+            r = compare_outputs(base_out, model_outputs(base, tokens, prompt_len))
+        del donor
+        rows.append({"group": name, "linears": names, "n_linears": len(names), **{k: r[k] for k in keys if k in r}})
+    return rows
+
+
+__all__ += ["outputs_digest", "save_model_outputs", "load_model_outputs", "CachedBase", "cached_model_outputs",
+            "quantized_linears_from_checkpoint", "kl_by_layer_group_from_checkpoint"]

@@ -21,6 +21,13 @@ Loop mechanics (§8.4):
    right after appending a frame whose token is <|im_end|>.
 `generate` returns every generated frame, [C+1, N]. The codes the reference hands to the codec drop the last
 frame (whether or not it is the <|im_end|> frame): that is `frames_to_codes`, applied separately.
+
+Speed: decode steps run `DualARTransformer.decode_step_static` (static shapes, the whole KV cache under a
+position mask, no host synchronisation inside a step) and score only the allowed slow ids (the sliced head);
+the sampler still sees a full-vocabulary vector, -inf outside the allowed ids, i.e. exactly `logits + bias`.
+`compile=True` wraps the slow step and the fast step in `torch.compile(mode="reduce-overhead", fullgraph=True)`
+(CUDA graphs on a GPU; two graphs, the fast one shared by every fast position); sampling and the fast
+embedding lookup run between them. The loop's only host synchronisation is the <|im_end|> test once per frame.
 """
 from __future__ import annotations
 
@@ -32,12 +39,17 @@ import torch
 from torch import Tensor
 
 from . import spec
-from .model.dualar import DualARTransformer
+from .model.dualar import DualARTransformer, _math_sdpa, allowed_slow_ids
 
 __all__ = ["semantic_bias", "sample_greedy", "GenerationTrace", "fast_decode", "generate", "generate_greedy",
            "frames_to_codes", "SamplingParams", "check_sampling_params", "as_model_scalar", "sample", "removal_mask",
            "exponential_race",
-           "make_slow_sampler", "make_fast_sampler", "make_generator", "generate_sampled", "stop_reason"]
+           "make_slow_sampler", "make_fast_sampler", "make_generator", "generate_sampled", "stop_reason", "DecodeSteps",
+           "COMPILE_MODE"]
+
+COMPILE_MODE = "reduce-overhead"     # CUDA graphs on a GPU; plain inductor code on the CPU
+COMPILE_CACHE_BUCKET = 256           # compiled decoding sizes the KV cache in steps of this many slots, so that
+                                     # requests of similar length reuse one compiled graph
 
 SlowSampler = Callable[[Tensor, "Tensor | None"], Tensor]
 FastSampler = Callable[[Tensor], Tensor]
@@ -76,34 +88,84 @@ class GenerationTrace:
 
 
 def fast_decode(model: DualARTransformer, hidden: Tensor, token: Tensor,
-                sample_fast: FastSampler = sample_greedy) -> tuple[Tensor, Tensor]:
+                sample_fast: FastSampler = sample_greedy, fast_step=None) -> tuple[Tensor, Tensor]:
     """The per-frame fast loop (§6.3) for one slow step: hidden [dim] (final-normed slow state), token (the
-    sampled slow id). Returns (frame [C+1] = [token, c0, ..., c_{C-1}], fast logits [C, codebook_size])."""
+    sampled slow id). Returns (frame [C+1] = [token, c0, ..., c_{C-1}], fast logits [C, codebook_size]).
+    fast_step(x, i) -> logits [1, 1, codebook] replaces `model.fast_step` (e.g. a compiled step)."""
     cfg = model.cfg
     C = cfg.num_codebooks
-    logits = [model.fast_step(model.fast_input(hidden.reshape(1, 1, -1)), 0)[0, 0]]   # discarded
+    step = fast_step or model.fast_step
+    logits = [step(model.fast_input(hidden.reshape(1, 1, -1)), 0)[0, 0]]   # discarded
     c0 = (token - cfg.semantic_begin_id).clamp(0, cfg.codebook_size - 1)
     codes = [c0.reshape(())]
     for i in range(1, C):
         x = model.fast_embeddings(codes[-1].reshape(1, 1))
-        li = model.fast_step(x, i)[0, 0]
+        li = step(x, i)[0, 0]
         logits.append(li)
         codes.append(sample_fast(li).reshape(()).to(torch.long))
     frame = torch.stack([token.reshape(()).to(torch.long)] + codes)
     return frame, torch.stack(logits)
 
 
+class DecodeSteps:
+    """The per-frame model calls of the decode loop, eager or compiled (`compile=True`: torch.compile with
+    fullgraph=True; the compiled functions are kept on the model, so later requests reuse them):
+
+    - `slow(column [C+1], pos [1]) -> (allowed logits [A], hidden [dim])`: `decode_step_static`;
+    - `fast(x, i) -> logits [1, 1, codebook]`: the fast step at position i (compiled: `fast_step_static` with the
+      position as a device tensor, so one graph serves every position).
+    Sampling and the fast embedding lookup run between these calls (eager). Compiled calls each begin a CUDA
+    graph step and return copies (a graph's outputs are overwritten by its next replay; the fast loop keeps
+    every position's logits).
+    """
+
+    def __init__(self, model: DualARTransformer, compile: bool = False, mode: str = COMPILE_MODE):
+        self.ids = allowed_slow_ids(model.cfg, model.device)
+        if not compile:
+            self.slow, self.fast = model.decode_step_static, model.fast_step
+            return
+        cache = model.__dict__.setdefault("_compiled_decode", {})
+        key = (mode, str(model.device))
+        if key not in cache:
+            opts = dict(mode=mode, fullgraph=True)
+            cache[key] = (torch.compile(model.decode_step_static, **opts),
+                          torch.compile(model.fast_step_static, **opts))
+        slow_c, fast_c = cache[key]
+        positions = [torch.tensor([i], device=model.device) for i in range(model.cfg.num_codebooks)]
+        mark = getattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+
+        def slow(column: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+            mark()
+            logits, hidden = slow_c(column, pos)
+            return logits.clone(), hidden.clone()
+
+        def fast(x: Tensor, i: int) -> Tensor:
+            mark()
+            return fast_c(x, positions[i]).clone()
+
+        self.slow, self.fast = slow, fast
+
+
+def _full_vocab(logits: Tensor, ids: Tensor, vocab: int) -> Tensor:
+    """[A] logits of the allowed ids -> [vocab], -inf elsewhere: exactly `full logits + semantic_bias` (0 at the
+    allowed ids, -inf elsewhere), without scoring the other rows."""
+    return torch.full((vocab,), float("-inf"), dtype=logits.dtype, device=logits.device).index_put_((ids,), logits)
+
+
 @torch.inference_mode()
 def generate(model: DualARTransformer, prompt_tokens: Tensor, max_new_tokens: int,
              sample_slow: SlowSampler = sample_greedy, sample_fast: FastSampler = sample_greedy,
-             return_trace: bool = False, ras_window: int = 10):
+             return_trace: bool = False, ras_window: int = 10, compile: bool = False):
     """Generate frames after a [C+1, P] prompt. Returns frames [C+1, N] (every generated frame, including the
     last), or (frames, GenerationTrace) with return_trace.
 
     max_new_tokens = 0 means "until the model's context (config max_seq_len) is full"; the count is capped at
-    max_seq_len - P. The slow KV cache is (re)allocated for P + max_new_tokens positions unless the model
-    already holds a cache at least that long (stale slots past the current position are never read). The RAS window (§8.3) is
-    kept as the reference does (decode-step frames only, shifted left each step) and passed to sample_slow.
+    max_seq_len - P. The slow KV cache is (re)allocated for P + max_new_tokens positions (with compile=True
+    rounded up to a multiple of COMPILE_CACHE_BUCKET) unless the model already holds a cache at least that long
+    (stale slots past the current position are masked). The RAS window (§8.3) is kept as the reference does
+    (decode-step frames only, shifted left each step) and passed to sample_slow. The slow logits the samplers
+    see come from the sliced head (`allowed_only`); the trace records the full head's logits of the same hidden
+    states. compile=True: see the module docstring.
     """
     cfg = model.cfg
     prompt = prompt_tokens.to(model.device, torch.long)
@@ -115,40 +177,49 @@ def generate(model: DualARTransformer, prompt_tokens: Tensor, max_new_tokens: in
     room = cfg.max_seq_len - P
     n_max = room if max_new_tokens <= 0 else min(max_new_tokens, room)
     needed = P + n_max
+    if compile:
+        needed = min(cfg.max_seq_len, -(-needed // COMPILE_CACHE_BUCKET) * COMPILE_CACHE_BUCKET)
     kv = model.layers[0].attention.kv_cache if len(model.layers) else None
     if model.cache_length < needed or kv is None or kv.k_cache.dtype != model.dtype:
         model.setup_caches(needed)                 # sized to this request; a big-enough cache is reused
-    bias = semantic_bias(model)
+    steps = DecodeSteps(model, compile)
+    model.decode_tables()                          # made eagerly, outside any compiled call
     trace = GenerationTrace()
 
-    def one_frame(out, pos: int, window: Tensor | None) -> Tensor:
-        logits, hidden = out.logits.reshape(-1), out.hidden.reshape(-1)
-        token = sample_slow(logits + bias, window)
-        frame, fast_logits = fast_decode(model, hidden, token, sample_fast)
+    def one_frame(logits: Tensor, hidden: Tensor, pos: int, window: Tensor | None) -> Tensor:
+        logits, hidden = logits.reshape(-1), hidden.reshape(-1)
+        token = sample_slow(_full_vocab(logits, steps.ids, cfg.vocab_size), window)
+        frame, fast_logits = fast_decode(model, hidden, token, sample_fast, steps.fast)
         if return_trace:
             trace.positions.append(pos)
-            trace.slow_logits.append(logits)
+            trace.slow_logits.append(model.slow_head(hidden, allowed_only=False))
             trace.slow_hidden.append(hidden)
             trace.fast_logits.append(fast_logits)
         return frame
 
-    frames = [one_frame(model.prefill(prompt), P - 1, None)]          # prefill: no RAS window
+    first = model.prefill(prompt, allowed_only=True)
+    frames = [one_frame(first.logits, first.hidden, P - 1, None)]          # prefill: no RAS window
     window = torch.zeros(cfg.num_codebooks + 1, ras_window, dtype=torch.long, device=model.device)
+    pos_t = torch.tensor([P], device=model.device)                          # advanced on the device
     for n in range(1, n_max):
         pos = P + n - 1
-        frame = one_frame(model.decode_step(frames[-1], pos), pos, window)
+        with _math_sdpa():
+            logits, hidden = steps.slow(frames[-1], pos_t)
+        frame = one_frame(logits, hidden, pos, window)
         frames.append(frame)
+        pos_t = pos_t + 1
         window = torch.cat([window[:, 1:], frame[:, None]], dim=1)
-        if int(frame[0]) == cfg.eos_token_id:
+        if int(frame[0]) == cfg.eos_token_id:      # the loop's one host synchronisation per frame
             break
     result = torch.stack(frames, dim=1)
     return (result, trace) if return_trace else result
 
 
 def generate_greedy(model: DualARTransformer, prompt_tokens: Tensor, max_new_tokens: int,
-                    return_trace: bool = False):
+                    return_trace: bool = False, compile: bool = False):
     """Deterministic greedy generation (top_k = 1). See `generate`."""
-    return generate(model, prompt_tokens, max_new_tokens, sample_greedy, sample_greedy, return_trace)
+    return generate(model, prompt_tokens, max_new_tokens, sample_greedy, sample_greedy, return_trace,
+                    compile=compile)
 
 
 def frames_to_codes(frames: Tensor) -> Tensor:
@@ -309,13 +380,14 @@ def make_generator(device: torch.device | str, seed: int | None) -> torch.Genera
 def generate_sampled(model: DualARTransformer, prompt_tokens: Tensor, max_new_tokens: int = spec.API_MAX_NEW_TOKENS,
                      temperature: float = spec.API_TEMPERATURE, top_p: float = spec.API_TOP_P,
                      top_k: int = spec.DEFAULT_TOP_K, seed: int | None = None,
-                     generator: torch.Generator | None = None, return_trace: bool = False):
+                     generator: torch.Generator | None = None, return_trace: bool = False, compile: bool = False):
     """Sampled generation (§8.2-§8.4) after a [C+1, P] prompt: frames [C+1, N] (every frame, including the
     last; `frames_to_codes` drops it), or (frames, trace) with return_trace.
 
     Randomness: `generator` if given (it is advanced, so several calls can share one stream), else a new
     generator on the model's device seeded with `seed` (None: fresh entropy). RNG order per frame: slow normal
-    sample, slow high (RAS) sample, then the 9 fast samples. Defaults are the HTTP API's (§10)."""
+    sample, slow high (RAS) sample, then the 9 fast samples. Defaults are the HTTP API's (§10). compile: see
+    `generate` (the slow and fast steps compiled, sampling eager between them)."""
     params = SamplingParams(temperature, top_p, top_k)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0 (0 = until the context is full), got {max_new_tokens!r}")
@@ -325,4 +397,4 @@ def generate_sampled(model: DualARTransformer, prompt_tokens: Tensor, max_new_to
         raise ValueError("pass either seed or generator, not both")
     return generate(model, prompt_tokens, max_new_tokens, make_slow_sampler(model, params, generator),
                     make_fast_sampler(model, params, generator), return_trace=return_trace,
-                    ras_window=spec.RAS_WINDOW)
+                    ras_window=spec.RAS_WINDOW, compile=compile)

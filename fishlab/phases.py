@@ -1,7 +1,8 @@
 """The phase registry is data: every `params/*.yaml` with a top-level `phase:` key is one phase.
 
 Adding a phase = adding a file. The same files feed papermill (`-f params/1b.yaml`) and the CLI
-(`fishlab quantize --phase 1b`).
+(`fishlab quantize --phase 1b`). A file with a `source:` key (gguf | fp8 | gptq) and a `path:` is an *import*:
+a published quantization read as a phase-like row (`fishlab.sources.ImportPhase`).
 
 Keys of a phase file: `method` (the number format: int | fp8), `bits`, `group_size`, `target` (slow | all),
 `scale_dtype`, and (optional, beyond round-to-nearest):
@@ -153,6 +154,14 @@ class Phase:
                    overrides=tuple(dict(o) for o in overrides), allocation=alloc)
 
 
+def parse_phase(d: dict, source: str = "phase"):
+    """A Phase, or an ImportPhase when the keys have a (non-null) `source:`."""
+    if isinstance(d, dict) and d.get("source") is not None:
+        from .sources import ImportPhase
+        return ImportPhase.from_dict(d, source)
+    return Phase.from_dict(d, source)
+
+
 def default_params_dir() -> Path:
     return REPO_ROOT / "params"
 
@@ -180,24 +189,25 @@ def phase_files(params_dir: str | Path | None = None) -> dict[str, tuple[Path, d
         data = _read_yaml(p)
         if "phase" not in data:
             continue
-        name = Phase.from_dict(data, str(p)).name
+        name = parse_phase(data, str(p)).name
         if name in found:
             raise PhaseError(f"phase {name!r} is defined twice: {found[name][0]} and {p}")
         found[name] = (p, data)
     return dict(sorted(found.items()))
 
 
-def load_phases(params_dir: str | Path | None = None) -> list[Phase]:
-    """Every phase defined in params_dir, sorted by name."""
-    return [Phase.from_dict(data, str(p)) for p, data in phase_files(params_dir).values()]
+def load_phases(params_dir: str | Path | None = None, imports: bool = False) -> list[Phase]:
+    """Every quantization phase defined in params_dir, sorted by name (with imports=True the import files too)."""
+    out = [parse_phase(data, str(p)) for p, data in phase_files(params_dir).values()]
+    return out if imports else [p for p in out if isinstance(p, Phase)]
 
 
 def load_phase(name_or_path: str | Path, params_dir: str | Path | None = None) -> Phase:
     """A phase by name (looked up in params_dir) or by the path of its YAML file."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") and p.exists():
-        return Phase.from_dict(_read_yaml(p), str(p))
-    phases = {ph.name: ph for ph in load_phases(params_dir)}
+        return parse_phase(_read_yaml(p), str(p))
+    phases = {ph.name: ph for ph in load_phases(params_dir, imports=True)}
     try:
         return phases[str(name_or_path)]
     except KeyError:

@@ -49,13 +49,14 @@ class SampleSettings:
     max_new_tokens: int = spec.API_MAX_NEW_TOKENS
     chunk_length: int = spec.API_CHUNK_LENGTH
     dtype: str = "float32"
+    compile: bool = False                  # torch.compile the decode steps (fishlab.generate, compile=True)
 
     def key(self, source: str) -> dict:
         return dict(asdict(self), source=source)
 
     def sampling(self) -> dict:
         return dict(seed=self.seed, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                     max_new_tokens=self.max_new_tokens, chunk_length=self.chunk_length)
+                     max_new_tokens=self.max_new_tokens, chunk_length=self.chunk_length, compile=self.compile)
 
 
 @contextmanager

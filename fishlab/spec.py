@@ -61,3 +61,20 @@ SAFETENSORS_DTYPES = {
 # Narration text of the plan, used for reference/clone samples.
 NARRATION = ("Good morning. I want to tell you something about the universe. Every atom in your body came "
              "from a star that exploded. We are all made of star stuff.")
+
+# --- the single-file GGUF that s2.cpp loads (spec gguf-s2cpp.md) ---
+GGUF_ARCH = "fish-speech"                 # general.architecture; arch-scoped keys use it with a hyphen
+GGUF_S2_NS = "fish_speech"                # S2-specific keys use an underscore namespace
+GGUF_CODEC_TENSOR_PREFIX = "c."           # codec tensors: c.encoder.* / c.decoder.* / c.quantizer.*
+GGUF_CODEC_QUANTIZER_TYPE = "downsample_residual_vector_quantize"
+# built but unused in the reference (codec spec §7: no weights); s2.cpp's header still states it
+GGUF_CODEC_DECODER_TRANSFORMER_LAYERS = (4, 0, 0, 0)
+GGUF_CODEC_TRANSFORMER_BLOCK_SIZE = 8192  # codec.transformer.block_size (the encoder stage transformers)
+GGUF_CODEC_RVQ_BLOCK_SIZE = 2048          # codec.rvq_transformer.block_size (pre/post module)
+GGUF_CODEC_N_LOCAL_HEADS = -1             # "same as n_head", written as i32
+
+# --- the hub (the base model's own card: license other + name + link) ---
+HUB_BASE_MODEL = "fishaudio/s2-pro"
+HUB_LICENSE_TITLE = "Fish Audio Research License"
+HUB_LICENSE_NAME = "fish-audio-research-license"
+HUB_LICENSE_LINK = "https://huggingface.co/fishaudio/s2-pro/blob/main/LICENSE.md"

@@ -81,10 +81,11 @@ def encode_reference(codec, reference: str | Path | Tensor) -> Tensor:
 def generate_long(model, tokenizer, text: str, references: Sequence[tuple[Tensor, str]] | None = None,
                   seed: int | None = 0, temperature: float = spec.API_TEMPERATURE, top_p: float = spec.API_TOP_P,
                   top_k: int = spec.DEFAULT_TOP_K, max_new_tokens: int = spec.API_MAX_NEW_TOKENS,
-                  chunk_length: int = spec.API_CHUNK_LENGTH, generator: torch.Generator | None = None
-                  ) -> tuple[Tensor, list[dict]]:
+                  chunk_length: int = spec.API_CHUNK_LENGTH, generator: torch.Generator | None = None,
+                  compile: bool = False) -> tuple[Tensor, list[dict]]:
     """Codes [C, N_total] for `text` (batched per §9.6, iterative prompting) and one info dict per batch
-    (text, prompt_columns, frames_generated, codes, stop). One generator (seeded once) drives every batch."""
+    (text, prompt_columns, frames_generated, codes, stop). One generator (seeded once) drives every batch.
+    compile: torch.compile the decode steps (`generate`)."""
     cfg = model.cfg
     SamplingParams(temperature, top_p, top_k)                    # validate before any work
     if not isinstance(chunk_length, int) or chunk_length < 1:
@@ -104,7 +105,8 @@ def generate_long(model, tokenizer, text: str, references: Sequence[tuple[Tensor
             raise ValueError(f"prompt of {prompt.size(1)} columns exceeds the limit of {limit} "
                              f"(max_seq_len {cfg.max_seq_len}); shorten the text or the reference")
         t0 = time.perf_counter()
-        frames = generate_sampled(model, prompt, max_new_tokens, temperature, top_p, top_k, generator=generator)
+        frames = generate_sampled(model, prompt, max_new_tokens, temperature, top_p, top_k, generator=generator,
+                                  compile=compile)
         elapsed = time.perf_counter() - t0
         codes = frames_to_codes(frames).to("cpu", torch.long)
         history.append((batch_text, codes))
@@ -121,7 +123,7 @@ def synthesize(model, codec, tokenizer, text: str, reference: str | Path | Tenso
                reference_text: str | None = None, seed: int | None = 0,
                temperature: float = spec.API_TEMPERATURE, top_p: float = spec.API_TOP_P,
                top_k: int = spec.DEFAULT_TOP_K, max_new_tokens: int = spec.API_MAX_NEW_TOKENS,
-               chunk_length: int = spec.API_CHUNK_LENGTH) -> tuple[Tensor, Tensor, dict]:
+               chunk_length: int = spec.API_CHUNK_LENGTH, compile: bool = False) -> tuple[Tensor, Tensor, dict]:
     """Speech for `text`: (audio [1, N] float32 on the CPU at codec.sample_rate, codes [C, N_frames] int64,
     info). N = N_frames * codec.frame_length (no trimming). Voice cloning when both `reference` and
     `reference_text` are given; a reference without a transcript is ignored (plain TTS, as the reference
@@ -148,7 +150,7 @@ def synthesize(model, codec, tokenizer, text: str, reference: str | Path | Tenso
         ref_frames = int(ref_codes.size(1))
         references = [(ref_codes, reference_text)]
     codes, batches = generate_long(model, tokenizer, text, references, seed, temperature, top_p, top_k,
-                                   max_new_tokens, chunk_length)
+                                   max_new_tokens, chunk_length, compile=compile)
     if codes.size(1) == 0:
         notes.append("no codes were generated (each batch's last frame is dropped): empty audio")
         audio = torch.zeros(1, 0, dtype=torch.float32)

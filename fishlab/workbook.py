@@ -17,6 +17,7 @@ from .io import atomic_path, write_json_atomic
 from .phases import Phase
 from .quant.apply import METRICS_FILE, dequantized_state_dict, quantize_checkpoint, read_quantization
 from .sizes import GB, phase_estimate
+from .sources import ImportPhase, run_import
 
 PHASE_SIDE_SUFFIX = ".metrics.json"
 
@@ -46,7 +47,10 @@ def phase_checkpoint_dir(work_dir: str | Path, phase: Phase) -> Path:
 def run_phase(src: Path, phase: Phase, work_dir: str | Path, overwrite: bool = False,
               progress: bool = False) -> dict:
     """Quantize src with phase into work_dir/phase-<name>, or reuse a complete earlier output of the same
-    phase and source (a complete output is one that was renamed into place, so it has quantization.json)."""
+    phase and source (a complete output is one that was renamed into place, so it has quantization.json).
+    An ImportPhase (a published quantization) is read into work_dir/import-<name> instead (fishlab.sources)."""
+    if isinstance(phase, ImportPhase):
+        return run_import(src, phase, work_dir, overwrite)
     out = phase_checkpoint_dir(work_dir, phase)
     q = read_quantization(out) if out.exists() else None
     same = q is not None and q.get("phase") == phase.to_dict() and q.get("source") == str(Path(src).resolve())
@@ -65,7 +69,7 @@ def phase_summary(result: dict, phase: Phase, src: Path) -> dict:
 
     m = result["metrics"]
     worst = sorted(m.items(), key=lambda kv: -kv[1]["rel_fro"])[:10]
-    s2 = phase_estimate(preset("s2-pro"), phase)
+    s2 = result.get("s2pro_estimate") or phase_estimate(preset("s2-pro"), phase)   # an import brings its own
     base_bytes = sum(f.stat().st_size for f in Path(src).iterdir() if f.is_file())
     return {
         "phase": phase.to_dict(),
@@ -96,7 +100,33 @@ def phase_summary(result: dict, phase: Phase, src: Path) -> dict:
                           for k, v in worst],
         "seconds": result.get("seconds"),
         "reused": result.get("reused", False),
+        **({"import": result["import"]} if "import" in result else {}),
     }
+
+
+def scheme_rows(phase, summary: dict) -> list[dict]:
+    """The phase report's scheme table: what a phase quantizes how, or what an import's file stores."""
+    if isinstance(phase, ImportPhase):
+        imp = summary["import"]
+        return [{"": k, "value": v} for k, v in [
+            ("source", f"{imp['format']} file {imp['path']}"),
+            ("size on disk", f"{imp['bytes']:,} bytes"),
+            ("transformer tensors stored as", ", ".join(f"{n} x {k}" for k, n in imp["stored"].items())),
+            ("quantized tensors (weight error measured)", summary["errors"]["tensors"]),
+            ("codec", imp["codec"]),
+            *(("note", n) for n in imp["notes"]),
+        ]]
+    return [{"": k, "value": v} for k, v in [
+        ("method", "FP8 e4m3 (float8_e4m3fn)" if phase.method == "fp8" else
+         f"INT{phase.bits} symmetric, range ±{int(phase.qmax)}"),
+        ("granularity", "one scale per output row" if phase.group_size is None else
+         f"groups of {phase.group_size} input features"),
+        ("target", {"slow": "the linear weights of every slow-AR layer",
+                    "all": "every linear of both ARs (slow, fast, fast output)"}[phase.target]),
+        ("scale dtype", phase.scale_dtype),
+        ("quantized tensors", summary["errors"]["tensors"]),
+        ("kept as stored", "embeddings (incl. the tied head), norms, codec"),
+    ]]
 
 
 def write_side_file(output_dir: str | Path, report_name: str, data: dict) -> Path:
@@ -118,7 +148,10 @@ def weight_pairs(src: Path, quantized: Path, tensor: str, n: int = 4000, seed: i
     """A random sample of (original, reconstructed) weight values of one tensor, for scatter plots."""
     infos, _ = read_headers(src)
     (_, w), = iter_tensors(infos, [tensor])
-    w_hat = dequantized_state_dict(quantized)[tensor]
+    if read_quantization(quantized) is None:           # an import: a plain checkpoint of dequantized weights
+        (_, w_hat), = iter_tensors(read_headers(quantized)[0], [tensor])
+    else:
+        w_hat = dequantized_state_dict(quantized)[tensor]
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, w.numel(), (min(n, w.numel()),), generator=g)
     return {"w": w.float().reshape(-1)[idx].tolist(), "w_hat": w_hat.float().reshape(-1)[idx].tolist()}
@@ -221,32 +254,41 @@ def phase_listening(src: Path, quantized: Path, phase: Phase, settings, output_d
     similarity. Writes the wavs into <output_dir>/audio/."""
     from . import samples as S
     from .asr import word_error
-    from .fidelity import fidelity_report, kl_by_layer_group
-    from .model.load import load_transformer, model_weight_bytes
+    from .fidelity import cached_model_outputs, fidelity_report, kl_by_layer_group_from_checkpoint
+    from .model.load import load_transformer, model_weight_bytes, routes
+    from .tokenizer import load_tokenizer
 
     audio_dir = Path(output_dir) / "audio"
     ref, base = S.base_samples(src, Path(work_dir), settings)
     S.publish([ref["wav"], base["tts"]["wav"], base["clone"]["wav"]], audio_dir)
-    model, codec, tok = S.load_stack(quantized, settings.dtype)
+    # one model resident at a time: the base's teacher-forced outputs are cached on disk (base loaded alone)
+    dtype, device = getattr(torch, settings.dtype), "cuda" if torch.cuda.is_available() else "cpu"
+    tokens, P = S.sample_tokens(load_tokenizer(src), settings.text, S.load_codes(base["tts"]["wav"]),
+                                load_config(src).transformer.semantic_begin_id)
+    base_cached = cached_model_outputs(src, tokens, P, Path(work_dir) / "samples", dtype, device)
+    model, codec, tok = S.load_stack(quantized, settings.dtype, device)
     mine = S.synthesize_pair(model, codec, tok, settings, Path(ref["wav"]), audio_dir, phase.name)
-    weights = model_weight_bytes(model)
-
-    base_model = load_transformer(src, device=next(model.parameters()).device, dtype=getattr(torch, settings.dtype))
-    tokens, P = S.sample_tokens(tok, settings.text, S.load_codes(base["tts"]["wav"]), model.cfg.semantic_begin_id)
+    weights, model_routes = model_weight_bytes(model), routes(model)
     with S.threads_for(model):
-        fid = fidelity_report(base_model, model, tokens, P)
-        groups = kl_by_layer_group(base_model, model, tokens, P) if layer_groups else []
-    base_weights = model_weight_bytes(base_model)
-    del base_model
+        fid = fidelity_report(base_cached, model, tokens, P, base_cached.outputs)
+    del model
+    groups = []
+    if layer_groups:                      # the base alone + one group's packed linears at a time
+        base_model = load_transformer(src, device=device, dtype=dtype)
+        with S.threads_for(base_model):
+            groups = kl_by_layer_group_from_checkpoint(base_model, quantized, tokens, P, base_out=base_cached.outputs)
+        del base_model
+    base_weights = base_cached.weight_bytes
 
     out = {"reference": ref, "base": base, "samples": mine, "fidelity": fid, "kl_by_layer_group": groups,
-           "weight_bytes": weights, "base_weight_bytes": base_weights, "settings": settings.key(str(src)),
+           "weight_bytes": weights, "base_weight_bytes": base_weights, "routes": model_routes,
+           "settings": settings.key(str(src)),
            "wer": word_error(asr_model, settings.text, {"base_tts": base["tts"]["wav"], "tts": mine["tts"]["wav"],
                                                        "clone": mine["clone"]["wav"],
                                                        "base_clone": base["clone"]["wav"]})}
     if speaker:
         emb = lambda p: _speaker_embedding(p, codec.sample_rate, cache=Path(p).parent != audio_dir)  # noqa: E731
-        with S.threads_for(model):
+        with S.threads_for(codec):
             e = {k: emb(p) for k, p in (("ref", ref["wav"]), ("base_tts", base["tts"]["wav"]),
                                         ("base_clone", base["clone"]["wav"]), ("tts", mine["tts"]["wav"]),
                                         ("clone", mine["clone"]["wav"]))}

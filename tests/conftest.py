@@ -41,3 +41,35 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def measured_run(tmp_path_factory):
+    """The workbook's real path on the demo, once per session (fishlab.runner.run, papermill kernels): a run
+    folder in which 10_phase measured phase 1b and a GGUF import (Q4_0, exported from the demo by fishlab
+    export-gguf), with samples, KL and speaker similarity; 20_layer_errors, 30_listen and 90_summary read both."""
+    import shutil
+
+    import yaml
+
+    from fishlab.demo import build_demo_checkpoint
+    from fishlab.export.gguf import export_gguf
+    from fishlab.runner import run
+
+    root = tmp_path_factory.mktemp("measured")
+    src = build_demo_checkpoint(root / "demo")
+    gguf_file = Path(export_gguf(src, root / "downloads" / "demo-q4_0.gguf", "q4_0")["path"])
+    params = root / "params"
+    params.mkdir()
+    shutil.copy(REPO / "params" / "1b.yaml", params / "1b.yaml")
+    (params / "gguf-q4_0.yaml").write_text(yaml.safe_dump({"phase": "gguf-q4_0", "description": "demo GGUF Q4_0",
+                                                           "source": "gguf", "path": str(gguf_file)}))
+    (params / "run.yaml").write_text(yaml.safe_dump({
+        "checkpoint": str(src), "preset": "demo", "work_dir": str(root / "work"),
+        "run": {"name": "m", "notebooks": [
+            {"notebook": "10_phase", "for_each_phase": True,
+             "parameters": {"max_new_tokens": 8, "layer_groups": False}},
+            {"notebook": "20_layer_errors"}, {"notebook": "30_listen"}, {"notebook": "90_summary"}]}}))
+    result = run(params / "run.yaml", notebooks_dir=REPO / "notebooks", renders_dir=root / "renders")
+    return {"result": result, "src": src, "gguf": gguf_file, "run": root / "renders" / "m", "work": root / "work",
+            "root": root}

@@ -41,3 +41,13 @@ def test_pack_float_into_equals_pack(bits, n):
     out = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8)
     pack_float_into(buf, n, bits, out, torch.empty(units), torch.empty(units, dtype=torch.int32))
     assert torch.equal(out, pack(q, bits))
+
+
+def test_quantize_after_inference_mode_reuses_no_inference_buffer():
+    """The quantizer's reused scratch buffers, first made under torch.inference_mode, still work outside it."""
+    from fishlab.quant.primitives import INT4_G128, quantize_tensor
+    w = torch.randn(64, 256)
+    with torch.inference_mode():
+        a = quantize_tensor("w", w, INT4_G128)
+    b = quantize_tensor("w", w, INT4_G128)
+    assert torch.equal(a.qdata, b.qdata) and torch.equal(a.scale, b.scale)

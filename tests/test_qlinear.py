@@ -1,3 +1,8 @@
+"""QuantizedLinear: every route equals the dequantized weight, routes are chosen per device and dtype with torch's
+own ops (no layout rebuilt by hand, nothing skipped because of the CPU's instruction set), memory is what the
+route holds. CUDA-only tests run the same checks as their CPU twins (the `device` parameter)."""
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,10 +17,11 @@ from fishlab.quant.primitives import (
     INT8_ROW,
     NonFiniteWeightError,
     Scheme,
+    dequantize,
     dequantize_tensor,
     quantize_tensor,
 )
-from fishlab.quant.qlinear import QuantizedLinear, int4pack_cpu_available
+from fishlab.quant.qlinear import QuantizedLinear, cuda_route, plan_route
 
 SCHEMES = [
     FP8_ROW,
@@ -29,16 +35,18 @@ SCHEMES = [
 ]
 ACT_DTYPES = [torch.float32, torch.bfloat16]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=5e-2)}
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="no CUDA device (the cpu case is its twin)"))]
 
 
 def _linear(out_f, in_f, bias=True, seed=0):
     torch.manual_seed(seed)
-    return nn.Linear(in_f, out_f, bias=bias).to(torch.bfloat16)
+    return nn.Linear(in_f, out_f, bias=bias).to(torch.bfloat16).requires_grad_(False)
 
 
 def _reference(x, qt, bias):
-    w = dequantize_tensor(qt, torch.float32).to(x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    w = dequantize_tensor(qt, torch.float32).to(x.dtype).to(x.device)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype).to(x.device))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
@@ -52,32 +60,86 @@ def test_forward_matches_dequant_reference(scheme, dtype, bias):
     y = m(x)
     assert y.shape == (2, 3, 96) and y.dtype == dtype
     torch.testing.assert_close(y, _reference(x, qt, lin.bias), **TOL[dtype])
-    # the same with kernels disabled (pure dequant path) -- exact for fp32 in the dequant route
+    # the same with kernels disabled (pure dequant path)
     m2 = QuantizedLinear.from_qtensor(qt, lin.bias, use_kernels=False)
     assert m2.route(x) == "dequant"
     torch.testing.assert_close(m2(x), _reference(x, qt, lin.bias), **TOL[dtype])
 
 
 def test_routes_on_cpu():
-    x32 = torch.randn(4, 384)
+    """bfloat16: INT8 per row -> int8_mm, INT4 g32..256 with N % 16 == 0 -> int4_mm (on every CPU torch runs:
+    the packed weight comes from torch's own conversion op). float32 / float16 (where the CPU kernels are
+    slower than a dense matmul) and every other scheme -> dense. None of this may depend on the ISA."""
+    bf = torch.randn(4, 384, dtype=torch.bfloat16)
     m8 = QuantizedLinear.from_float(_linear(96, 384), INT8_ROW)
-    assert m8.route(x32) == "int8_mm" and m8.route(x32.bfloat16()) == "int8_mm"
-    assert m8.route(x32.double()) == "dequant"
-    m4 = QuantizedLinear.from_float(_linear(96, 384), INT4_G128)
-    if int4pack_cpu_available():
-        assert m4.layout == "cpu_int4pack" and m4.route(x32) == "int4_mm"
-    m4odd = QuantizedLinear.from_float(_linear(40, 384), INT4_G128)  # rows % 16 != 0
-    assert m4odd.layout == "generic" and m4odd.route(x32) == "dequant"
-    m4pad = QuantizedLinear.from_float(_linear(32, 200), INT4_G128)  # group does not divide K
-    assert m4pad.layout == "generic" and m4pad.route(torch.randn(1, 200)) == "dequant"
+    assert m8.route(bf) == "int8_mm" and m8.route(bf.float()) == "dense" and m8.route(bf.half()) == "dense"
+    for s in (INT4_G128, Scheme("int", 4, 32), Scheme("int", 4, 64), Scheme("int", 4, 256, "bfloat16")):
+        m4 = QuantizedLinear.from_float(_linear(96, 512), s, compute_dtype=torch.bfloat16)
+        assert m4.route_name == "int4_mm" and m4.layout == "cpu_int4pack", s.name
+    assert QuantizedLinear.from_float(_linear(40, 384), INT4_G128).route(bf) == "dense"     # N % 16 != 0
+    assert QuantizedLinear.from_float(_linear(32, 200), INT4_G128).route(torch.randn(1, 200).bfloat16()) == "dense"
     for s in (FP8_ROW, INT3_G128, INT2_G64):
-        assert QuantizedLinear.from_float(_linear(96, 384), s).route(x32) == "dequant"
+        assert QuantizedLinear.from_float(_linear(96, 384), s).route(bf) == "dense"
+    assert plan_route(INT4_G128, (96, 384), "cpu", torch.bfloat16) == "int4_mm"
 
 
-@pytest.mark.parametrize(
-    "shape,scheme",
-    [((40, 384), INT4_G128), ((32, 200), INT4_G128), ((33, 70), INT3_G128), ((5, 7), INT2_G64), ((3, 9), FP8_ROW)],
-)
+def test_cuda_route_rule_on_cpu():
+    """The CUDA route rule as a pure function of the compute capability (the CPU twin of the CUDA routes)."""
+    yes = lambda r: True   # noqa: E731
+    bf = torch.bfloat16
+    assert cuda_route(INT8_ROW, 4096, 2560, bf, (7, 5), yes) == "int8_mm"
+    assert cuda_route(INT8_ROW, 4096, 2560, bf, (9, 0), lambda r: r != "int8_mm") == "dense"
+    assert cuda_route(INT4_G128, 4096, 2560, bf, (8, 0), yes) == "int4_tinygemm"
+    assert cuda_route(INT4_G128, 4096, 2560, bf, (7, 5), yes) == "dense"              # tinygemm needs sm80
+    assert cuda_route(INT4_G128, 4096, 2560, torch.float16, (9, 0), yes) == "dense"   # bf16 activations only
+    assert cuda_route(INT4_G128, 4100, 2560, bf, (9, 0), yes) == "dense"              # N % 8
+    assert cuda_route(FP8_ROW, 4096, 2560, bf, (8, 9), yes) == "fp8_scaled_mm"
+    assert cuda_route(FP8_ROW, 4096, 2560, bf, (8, 6), yes) == "dense"                # no fp8 tensor cores
+    assert cuda_route(FP8_ROW, 4096, 2568 + 4, bf, (9, 0), yes) == "dense"            # K % 16
+    for s in (INT3_G128, INT2_G64):
+        assert cuda_route(s, 4096, 2560, bf, (9, 0), yes) == "dense"
+
+
+def test_tinygemm_input_format():
+    """`_convert_weight_to_int4pack`'s documented input: [N, K/2] uint8, even column in the high nibble."""
+    u = torch.tensor([[1, 2, 3, 4], [15, 0, 7, 8]], dtype=torch.uint8)
+    assert ql.tinygemm_input(u).tolist() == [[0x12, 0x34], [0xF0, 0x78]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scheme", [INT8_ROW, INT4_G128, Scheme("int", 4, 64), FP8_ROW, INT3_G128],
+                         ids=lambda s: s.name)
+def test_prepared_route_equals_dequantized_on_device(device, scheme):
+    """The route picked for bf16 on `device` vs F.linear with the dequantized weight: within bf16 noise for the
+    weight-only kernels, within the activation-quantization error for fp8_scaled_mm (W8A8)."""
+    lin = _linear(256, 512)
+    qt = quantize_tensor("w", lin.weight, scheme).to(device)
+    m = QuantizedLinear.from_qtensor(qt, lin.bias.to(device), compute_dtype=torch.bfloat16)
+    x = torch.randn(3, 512, device=device).bfloat16()
+    ref = _reference(x.float(), qt, lin.bias)
+    y = m(x).float()
+    rel = float((y - ref).norm() / ref.norm())
+    assert rel < (0.05 if m.route_name == "fp8_scaled_mm" else 0.01), (m.route_name, rel)
+    if device == "cpu":
+        assert m.route_name == {"int": {8: "int8_mm", 4: "int4_mm"}}.get(scheme.method, {}).get(scheme.bits, "dense")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scheme", [INT8_ROW, INT4_G128, Scheme("int", 4, 32, "bfloat16")], ids=lambda s: s.name)
+def test_weight_only_kernels_exact_on_one_hot_input(device, scheme):
+    """One-hot bf16 rows recover W' column by column: the kernel's weight is q * bf16(scale), bit for bit."""
+    lin = _linear(64, 256)
+    qt = quantize_tensor("w", lin.weight, scheme).to(device)
+    m = QuantizedLinear.from_qtensor(qt, compute_dtype=torch.bfloat16)
+    assert m.route_name in ql.KERNEL_ROUTES
+    eye = torch.eye(256, dtype=torch.bfloat16, device=device)
+    expect = dequantize(qt.unpack(), qt.scale.to(torch.bfloat16), scheme.group_size, torch.bfloat16)
+    assert torch.equal(m(eye).t(), expect)
+
+
+@pytest.mark.parametrize("shape,scheme",
+                         [((40, 384), INT4_G128), ((32, 200), INT4_G128), ((33, 70), INT3_G128), ((5, 7), INT2_G64),
+                          ((3, 9), FP8_ROW)])
 def test_odd_shapes(shape, scheme):
     lin = _linear(*shape)
     qt = quantize_tensor("odd", lin.weight, scheme)
@@ -93,37 +155,19 @@ def test_float64_and_1d_input():
     x = torch.randn(256, dtype=torch.float64)
     torch.testing.assert_close(m(x), _reference(x, qt, lin.bias))
     x = torch.randn(256)
+    m = QuantizedLinear.from_float(lin, INT8_ROW)
     assert m(x).shape == (32,)
     torch.testing.assert_close(m(x), _reference(x, qt, lin.bias), **TOL[torch.float32])
 
 
-@pytest.mark.skipif(not int4pack_cpu_available(), reason="CPU int4 ops unavailable")
-@pytest.mark.parametrize("n", [16, 32, 48, 64, 80, 96])
-def test_int4pack_layout_matches_op(n):
-    g = torch.Generator().manual_seed(n)
-    u = torch.randint(0, 16, (n, 384), generator=g, dtype=torch.uint8)
-    ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.to(torch.int32), 2)
-    assert torch.equal(ql._int4pack_from_u(u), ref)
-    assert torch.equal(ql._u_from_int4pack(ref, n, 384), u)
-
-
-@pytest.mark.skipif(not int4pack_cpu_available(), reason="CPU int4 ops unavailable")
-def test_int4_kernel_symmetric_mapping_exact_in_fp32():
-    # q in [-7, 7] -> u = q + 8, zero = 0: the op must reproduce q * scale exactly (up to fp32 sums)
-    lin = _linear(64, 256)
-    qt = quantize_tensor("w", lin.weight, INT4_G128)
-    m = QuantizedLinear.from_qtensor(qt)
-    assert m.layout == "cpu_int4pack"
-    eye = torch.eye(256)
-    w_from_op = m(eye).t()  # identity input recovers W' column by column
-    torch.testing.assert_close(w_from_op, dequantize_tensor(qt, torch.float32), rtol=0, atol=1e-6)
-
-
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
-def test_to_qtensor_roundtrip_and_dequantized_weight(scheme):
+@pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
+def test_to_qtensor_roundtrip_and_dequantized_weight(scheme, dtype):
+    """Exact after prepare too: a device-packed int4 weight is read back through torch's op (checked by
+    re-packing), never through a hand-written layout."""
     lin = _linear(48, 256)
     qt = quantize_tensor("w", lin.weight, scheme)
-    m = QuantizedLinear.from_qtensor(qt, lin.bias)
+    m = QuantizedLinear.from_qtensor(qt, lin.bias, compute_dtype=dtype)
     back = m.to_qtensor()
     assert torch.equal(back.qdata, qt.qdata) and torch.equal(back.scale, qt.scale)
     assert back.scheme == scheme and back.shape == qt.shape and back.dtype == qt.dtype
@@ -131,19 +175,27 @@ def test_to_qtensor_roundtrip_and_dequantized_weight(scheme):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
-def test_memory_is_packed_only(scheme):
+def test_memory_is_what_the_route_holds(scheme):
+    """Unprepared: packed stream + scales only. Prepared for bf16: a kernel route adds only its scale operand
+    (int4: scales-and-zeros, 2 bf16 per group); the dense route adds the dequantized bf16 weight, and nothing
+    else holds a float copy."""
     lin = _linear(256, 1024, bias=False)
     qt = quantize_tensor("w", lin.weight, scheme)
     m = QuantizedLinear.from_qtensor(qt)
     assert list(m.parameters()) == []
-    assert m.nbytes() == qt.nbytes()  # kernel layout replaces, not adds to, the packed stream
-    assert m.nbytes() == sum(b.numel() * b.element_size() for b in m.buffers())
+    assert m.nbytes() == qt.nbytes()
+    route = m.prepare(torch.bfloat16)
     bf16_bytes = 256 * 1024 * 2
-    assert all(b.numel() < 256 * 1024 or b.element_size() == 1 for b in m.buffers())
-    if scheme.bits == 4:
-        assert m.nbytes() < 0.3 * bf16_bytes
-    if scheme == INT2_G64:
-        assert m.nbytes() < 0.16 * bf16_bytes
+    assert m.nbytes() == sum(b.numel() * b.element_size() for b in m.buffers())
+    if route == "dense":
+        assert m.nbytes() == qt.nbytes() + bf16_bytes and m.kscale is None
+    else:
+        extra = 256 * 2 if route == "int8_mm" else 256 * (1024 // scheme.group_size) * 2 * 2
+        assert m.nbytes() == qt.nbytes() + extra and m.w_dense is None
+        if scheme.bits == 4:
+            assert m.nbytes() < (4 + 64 / scheme.group_size) / 16 * bf16_bytes + 1   # 4 bits + scale + kscale
+    assert route == ("int8_mm" if scheme in (INT8_ROW, Scheme("int", 8, None, "float16")) else
+                     "int4_mm" if scheme.bits == 4 else "dense")
 
 
 def test_nbytes_counts_bias():
@@ -152,16 +204,31 @@ def test_nbytes_counts_bias():
     assert m.nbytes() == 64 * 256 // 2 + 64 * 2 * 4 + 64 * 2
 
 
-def test_module_dtype_cast_keeps_scale_dtype():
+def test_module_casts_keep_scale_dtype_and_re_prepare():
     lin = _linear(64, 256)
-    m = QuantizedLinear.from_float(lin, INT4_G128)
+    m = QuantizedLinear.from_float(lin, INT4_G128, compute_dtype=torch.bfloat16)
+    assert m.route_name == "int4_mm" and m.layout == "cpu_int4pack"
+    qt = m.to_qtensor()
     s = m.scale.clone()
-    m.to(torch.float16)
+    m.to(torch.float16)                                   # re-prepared for fp16: dense on the CPU
     assert m.scale.dtype == torch.float32 and torch.equal(m.scale, s)
-    assert m.bias.dtype == torch.float16
+    assert m.bias.dtype == torch.float16 and m.route_name == "dense" and m.layout == "generic"
     x = torch.randn(2, 256, dtype=torch.float16)
-    ref = F.linear(x, dequantize_tensor(m.to_qtensor(), torch.float32).half(), m.bias)
+    ref = F.linear(x, dequantize_tensor(qt, torch.float32).half(), m.bias)
     torch.testing.assert_close(m(x), ref, rtol=2e-2, atol=5e-2)
+    m.to(torch.bfloat16)
+    assert m.route_name == "int4_mm" and torch.equal(m.to_qtensor().qdata, qt.qdata)
+
+
+def test_other_dtype_than_prepared_is_logged_and_correct(caplog):
+    lin = _linear(64, 256)
+    m = QuantizedLinear.from_float(lin, INT8_ROW, compute_dtype=torch.bfloat16, name="blk.w")
+    x = torch.randn(3, 256)
+    with caplog.at_level(logging.WARNING, logger="fishlab.qlinear"):
+        assert m.route(x) == "dequant"
+        torch.testing.assert_close(m(x), _reference(x, m.to_qtensor(), lin.bias), **TOL[torch.float32])
+        m(x)
+    assert sum("dequantizing in forward" in r.message for r in caplog.records) == 1
 
 
 def test_from_float_refuses_nonfinite_with_name():
@@ -181,16 +248,17 @@ def test_rejects_non_2d_and_bad_bias():
         QuantizedLinear.from_qtensor(qt, torch.zeros(5))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
-def test_cuda_dequant_path(scheme):
+def test_device_move_re_prepares(device, scheme):
+    """A module prepared on the CPU and moved to `device` (cuda, or cpu for the twin) is re-prepared there from
+    the exact generic stream, and still computes the dequantized weight's product."""
     lin = _linear(96, 384)
     qt = quantize_tensor("w", lin.weight, scheme)
-    m = QuantizedLinear.from_qtensor(qt, lin.bias).to("cuda")  # CPU int4 layout travels too
-    x = torch.randn(3, 384, dtype=torch.bfloat16, device="cuda")
-    assert m.route(x) == "dequant"
-    ref = _reference(x.cpu(), qt, lin.bias)
-    torch.testing.assert_close(m(x).cpu(), ref, **TOL[torch.bfloat16])
-    m2 = QuantizedLinear.from_qtensor(qt.to("cuda"), lin.bias.cuda())
-    assert m2.layout == "generic"
-    torch.testing.assert_close(m2(x).cpu(), ref, **TOL[torch.bfloat16])
+    m = QuantizedLinear.from_qtensor(qt, lin.bias, compute_dtype=torch.bfloat16).to(device)
+    assert m.qdata.device.type == device and m.compute_dtype == torch.bfloat16
+    x = torch.randn(3, 384, dtype=torch.bfloat16, device=device)
+    ref = _reference(x.float(), qt, lin.bias)
+    rel = float((m(x).float() - ref).norm() / ref.norm())
+    assert rel < (0.05 if m.route_name == "fp8_scaled_mm" else 0.01), (m.route_name, rel)
+    assert torch.equal(m.to_qtensor().qdata.cpu(), qt.qdata)

@@ -92,7 +92,7 @@ def _check_roundtrip(out: Path, source: dict, phase) -> None:
 
 def test_every_phase_input_unchanged_size_predicted_exact_reload(demo, source, tmp_path):
     before = checkpoint_digest(demo)
-    assert len(PHASES) == 7
+    assert sorted(PHASES) == ["1a", "1b", "2a", "2b", "2c", "3a", "3b", "q4_0", "q8_0"]   # the plan + GGUF blocks
     for name, phase in PHASES.items():
         out = tmp_path / f"phase-{name}"
         r = quantize_checkpoint(demo, out, phase, with_metrics=(name == "1b"))
@@ -336,9 +336,28 @@ def test_cli_sizes(demo, tmp_path, capsys):
     so = capsys.readouterr().out
     assert "1b INT4 g128 slow" in so and "GGUF Q4_K" in so and "bf16 (as shipped)" in so
     a = json.loads(js.read_text())
-    assert a["model"] == "s2-pro" and len([r for r in a["estimates"] if r["kind"] == "phase"]) == 7
+    assert a["model"] == "s2-pro" and len([r for r in a["estimates"] if r["kind"] == "phase"]) == 9
     assert main(["sizes", "--checkpoint", str(demo), "--scale-dtype", "float16"]) == 0
     assert "demo" in capsys.readouterr().out
     assert main(["sizes", "--preset", "nope"]) == 2
     assert "unknown preset" in capsys.readouterr().err
     assert main(["sizes", "--checkpoint", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device (the cpu case is its twin)"))])
+def test_quantize_on_a_device_equals_the_streaming_path(demo, tmp_path, device):
+    """device=...: every tensor quantized (quantize_tensor) and measured (weight_error) whole on the device:
+    the same bytes on disk as the CPU streaming path, the same metrics to float rounding."""
+    phase = PHASES["2a"]
+    ref = quantize_checkpoint(demo, tmp_path / "stream", phase)
+    got = quantize_checkpoint(demo, tmp_path / "dev", phase, device=device)
+    for f in sorted((tmp_path / "stream").iterdir()):
+        if f.suffix == ".safetensors":
+            assert (tmp_path / "dev" / f.name).read_bytes() == f.read_bytes(), f.name
+    assert list(got["metrics"]) == list(ref["metrics"])
+    for name, m in ref["metrics"].items():
+        for k in ("rel_fro", "snr_db", "cosine", "max_abs", "mean_abs", "zero_fraction", "weight_rms"):
+            assert got["metrics"][name][k] == pytest.approx(m[k], rel=1e-6, abs=1e-12), (name, k)
+        if device == "cpu":
+            assert got["metrics"][name]["hist"] == m["hist"]

@@ -31,7 +31,7 @@ from fishlab.generate import generate_greedy
 from fishlab.manifest import hf_to_internal, linear_targets
 from fishlab.model.dualar import DualARTransformer
 from fishlab.model.load import (CheckpointError, build_transformer, is_quantized_checkpoint, load_transformer,
-                                model_weight_bytes)
+                                model_weight_bytes, routes)
 from fishlab.phases import load_phase, load_phases
 from fishlab.quant.apply import dequantized_state_dict, quantize_checkpoint
 from fishlab.quant.qlinear import QuantizedLinear
@@ -165,7 +165,7 @@ def test_quantized_model_equals_dequantized_weights(phase, qdirs, cfg, tokens, f
     for n in targets:                                  # packed data and scales stay as stored
         m32, mb = mods[n], dict(qb.named_modules())[n]
         assert mb.scale.dtype == m32.scale.dtype == getattr(torch, PHASES[phase].scale_dtype)
-        assert mb.qdata.dtype == torch.uint8 and torch.equal(mb.qdata, m32.qdata)
+        assert mb.qdata.dtype == torch.uint8 and torch.equal(mb.to_qtensor().qdata, m32.to_qtensor().qdata)
     gotb = run(qb, tokens, frame_codes)
     refb = run(plain_from_hf(cfg, dequantized_state_dict(d, torch.bfloat16), torch.bfloat16), tokens, frame_codes)
     for k in refb:
@@ -244,15 +244,39 @@ def test_resident_memory_falls(base_dir, qdirs, cfg):
                     assert got[c] < 0.3 * base[c], (name, c)      # 4 bits + fp32 scale per 128 = 4.25/16
             else:
                 assert got[c] == base[c], (name, c)
-        # the packed bytes are exactly what the checkpoint describes: qdata + scales, nothing dequantized
+        # the packed bytes are what the checkpoint describes (qdata + scales) plus the kernels' scale operands
+        # (bf16: [N] for int8_mm, [K/g, N, 2] for int4_mm), nothing dequantized
         qinfo = json.loads((qdirs[name] / spec.QUANT_FILE).read_text())
         described = sum(d["qdata_nbytes"] + math.prod(d["scale_shape"]) * 4 for d in qinfo["tensors"].values())
-        assert got["quantized_linears"] == described
+        operands = sum(math.prod(d["scale_shape"]) * 2 * (1 if ph.bits == 8 else 2) for d in qinfo["tensors"].values())
+        assert got["quantized_linears"] == described + operands and got["dense_fallback"] == 0
+        assert set(routes(model)["counts"]) == {"int8_mm" if ph.bits == 8 else "int4_mm"}
         names = {hf_to_internal(s.name)[: -len(".weight")] for s in linear_targets(cfg, ph.target)}
         floats = [n for n, p in model.named_parameters() if n.rsplit(".", 1)[0] in names]
         assert not floats, f"float copies of quantized linears held: {floats[:3]}"
         assert not any(b.is_floating_point() and b.numel() >= 1024 for n, b in model.named_buffers()
-                       if n.rsplit(".", 1)[0] in names and not n.endswith(".scale"))
+                       if n.rsplit(".", 1)[0] in names and not n.endswith((".scale", ".kscale")))
+
+
+def test_routes_are_logged_once_and_reported(qdirs, cfg, caplog):
+    """Every quantized linear gets its route at load, logged once per model; a float32 model on the CPU has no
+    fast kernel (they are slower than a dense matmul there), so it holds the weights dequantized once and says
+    how much memory that costs."""
+    import logging
+    ph = PHASES["1b"]
+    n_targets = len(linear_targets(cfg, ph.target))
+    with caplog.at_level(logging.INFO, logger="fishlab.model"):
+        qb = load_transformer(qdirs["1b"], dtype=torch.bfloat16)
+        q32 = load_transformer(qdirs["1b"], dtype=torch.float32)
+    msgs = [r for r in caplog.records if r.name == "fishlab.model"]
+    assert len(msgs) == 2 and "int4_mm %d" % n_targets in msgs[0].getMessage()
+    assert msgs[1].levelno == logging.WARNING and "dense fallback" in msgs[1].getMessage()
+    rb, r32 = routes(qb), routes(q32)
+    assert rb["counts"] == {"int4_mm": n_targets} and rb["dense_fallback_bytes"] == 0 and rb["dtype"] == "bfloat16"
+    assert rb["float"] == len(rb["linears"]) - n_targets
+    dense = sum(math.prod(s.shape) * 4 for s in linear_targets(cfg, ph.target))
+    assert r32["counts"] == {"dense": n_targets} and r32["dense_fallback_bytes"] == dense
+    assert model_weight_bytes(q32)["dense_fallback"] == dense
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -8,20 +8,24 @@ This module maps HF names to internal names (`fishlab.manifest.hf_to_internal`) 
 Quantization seam: every linear layer is built by ONE function, `linear_from_tensors(name, tensors)`, which
 gets the internal module name (e.g. `layers.3.attention.wqkv`) and that module's tensors with the module
 prefix stripped: `{"weight": W}` for a plain weight, `{"weight": QTensor}` for a quantized one. The default
-factory turns a QTensor into a `QuantizedLinear` (packed data and scales kept as stored: INT8 per-row and INT4
-g32..g256 use the CPU kernels, everything else dequantizes inside forward; never a resident float copy).
+factory turns a QTensor into a `QuantizedLinear` (packed data and scales kept as stored). After assembly every
+`QuantizedLinear` is prepared for the model's device and dtype (`prepare_linears`): each picks its route once
+(torch's INT8 / INT4 / FP8 kernels where the device has them, else the weight dequantized once), the routes are
+logged once per model (logger "fishlab.model") and `routes(model)` sums them up for reports.
 
 Quantized checkpoints (a `quantization.json` beside the weights, written by `fishlab.quant.apply`) go through
 the same `load_transformer` call: `load_quantized_tensors` validates them strictly against the config and the
 per-tensor descriptions, quantized `X.weight` arrive as QTensors, and `dtype` applies only to the float
-tensors (embeddings, norms, unquantized linears) and therefore to the activations. Same path on CPU and CUDA
-(on CUDA every quantized linear takes the dequant-in-forward route).
+tensors (embeddings, norms, unquantized linears) and therefore to the activations. Same path on CPU and CUDA;
+the route of each linear is chosen for the device it is loaded on (`fishlab.quant.qlinear.plan_route`).
 
 `model_weight_bytes(model)` reports the bytes the model's weights hold in memory (parameters + packed buffers,
 KV caches excluded) per manifest component.
 """
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -38,7 +42,10 @@ from .dualar import TORCH_DTYPES, DualARTransformer, KVCache, linear_names, repl
 from .textlm import TextLM
 
 __all__ = ["CheckpointError", "LinearFactory", "linear_from_tensors", "model_class", "build_transformer",
-           "load_transformer", "load_quantized_transformer", "is_quantized_checkpoint", "model_weight_bytes"]
+           "load_transformer", "load_quantized_transformer", "is_quantized_checkpoint", "model_weight_bytes",
+           "prepare_linears", "routes"]
+
+log = logging.getLogger("fishlab.model")
 
 LinearFactory = Callable[[str, "dict[str, Tensor | QTensor]"], nn.Module]
 
@@ -108,7 +115,48 @@ def build_transformer(cfg: DualARConfig | TextLMConfig, tensors: dict[str, Tenso
         raise CheckpointError(f"{source}: {len(left)} parameter(s) not loaded, e.g. {left[:5]}")
     for p in model.parameters():
         p.requires_grad_(False)
+    prepare_linears(model, source=source)
     return model.eval()
+
+
+def prepare_linears(model: nn.Module, dtype: torch.dtype | None = None, source: str = "model") -> dict:
+    """Prepare every `QuantizedLinear` of the model for its device and `dtype` (default: the model's dtype),
+    log the routes once (INFO; WARNING when some linear falls back to a dense dequantized weight) and return
+    `routes(model)`."""
+    dtype = dtype or getattr(model, "dtype", None) or torch.float32
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            m.prepare(dtype)
+    r = routes(model)
+    if r["quantized"]:
+        level = logging.WARNING if r["dense_fallback_bytes"] else logging.INFO
+        log.log(level, "fishlab: %s: %s linears on %s, %s activations: %s%s", source, r["quantized"], r["device"],
+                r["dtype"], ", ".join(f"{k} {v}" for k, v in sorted(r["counts"].items())),
+                f" (dense fallback holds {r['dense_fallback_bytes'] / 2**20:.1f} MiB of dequantized weights)"
+                if r["dense_fallback_bytes"] else "")
+    return r
+
+
+def routes(model: nn.Module) -> dict:
+    """How the model's linears run, for reports: {"counts": {route: n} over quantized linears, "linears":
+    {name: route} (plain nn.Linear = "float"), "quantized": n, "float": n, "dense_fallback_bytes": bytes of
+    weights held dequantized because no kernel fits (the memory the fallback costs), "device", "dtype"}."""
+    per = {}
+    dense = 0
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedLinear):
+            per[name] = m.route_name or "unprepared"
+            if m.w_dense is not None:
+                dense += m.w_dense.numel() * m.w_dense.element_size()
+        elif isinstance(m, nn.Linear):
+            per[name] = "float"
+    counts = Counter(v for v in per.values() if v != "float")
+    dev = getattr(model, "device", None)
+    dt = getattr(model, "dtype", None)
+    return {"counts": dict(counts), "linears": per, "quantized": sum(counts.values()),
+            "float": sum(1 for v in per.values() if v == "float"), "dense_fallback_bytes": dense,
+            "device": str(dev) if dev is not None else None,
+            "dtype": str(dt).replace("torch.", "") if dt is not None else None}
 
 
 def is_quantized_checkpoint(ckpt_dir: str | Path) -> bool:
@@ -179,11 +227,12 @@ def _component(name: str) -> str:
 
 def model_weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes the model's weights hold in memory: every parameter and every buffer (packed data, scales,
-    biases), KV caches excluded, each storage counted once. Returns {"slow_ar", "fast_ar", "embeddings",
-    "norms", "total"} (the manifest's component names), plus "quantized_linears" (bytes held by
-    `QuantizedLinear` modules) and "float_linears" (bytes of plain linear weights)."""
+    biases, kernel operands, dense fallback weights), KV caches excluded, each storage counted once. Returns
+    {"slow_ar", "fast_ar", "embeddings", "norms", "total"} (the manifest's component names), plus
+    "quantized_linears" (bytes held by `QuantizedLinear` modules, all of them), "dense_fallback" (the part of
+    those that is dequantized weights of the dense route) and "float_linears" (bytes of plain linear weights)."""
     out = dict.fromkeys(("slow_ar", "fast_ar", "embeddings", "norms"), 0)
-    out.update(quantized_linears=0, float_linears=0)
+    out.update(quantized_linears=0, dense_fallback=0, float_linears=0)
     seen: set = set()
     for mod_name, mod in model.named_modules():
         if isinstance(mod, KVCache):
@@ -201,6 +250,8 @@ def model_weight_bytes(model: nn.Module) -> dict[str, int]:
             out[_component(full)] += n
             if isinstance(mod, QuantizedLinear):
                 out["quantized_linears"] += n
+                if tname == "w_dense":
+                    out["dense_fallback"] += n
             elif isinstance(mod, nn.Linear):
                 out["float_linears"] += n
     out["total"] = sum(out[k] for k in ("slow_ar", "fast_ar", "embeddings", "norms"))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+from collections import deque
 import json
 import math
 import os
@@ -54,7 +55,10 @@ METADATA_KEY = "quantization"
 _WEIGHT_FILES = (spec.INDEX_FILE, spec.SINGLE_FILE)
 CHUNK_ELEMS = 1 << 20       # values per row block when quantizing / measuring (4 MB of float32)
 _ERR_REUSE_MAX = 1 << 26
-METRICS_THREAD = True           # measure on a second thread while the main one writes and reads (2 cores)
+METRICS_THREADS = 2             # measure on this many threads while the main one reads, quantizes and writes
+                                # (the metrics cost several times the quantization; the main thread mostly
+                                # waits on the disk, so two measuring threads keep both cores of a 2-core box
+                                # busy); 0 = measure inline
 QUANT_THREADS: int | None = 1   # torch threads for the block work (elementwise ops on ~1M values: a second
                                 # thread gains little and stalls badly when the other core is busy)
 
@@ -152,37 +156,33 @@ class _ErrorAccumulator:
         self.n_zeroed += int(torch.count_nonzero(w_hat == 0)) - w_zero     # 0 always reconstructs to 0
 
     def add_f32(self, w: torch.Tensor, w_hat: torch.Tensor) -> None:
-        """add() for flat float32 w and w_hat, on reused buffers: the same float32 error and float64 sums of
-        exact float64 products (only the summation order differs from weight_error)."""
+        """add() for flat float32 w and w_hat, in few passes: the same float32 error; float64 sums of squares
+        (vector norms accumulated in float64), dot(w, w_hat) from the polarisation identity
+        (ss_w + ss_h - ss_e) / 2 (it differs from the direct float64 dot only by the float32 rounding of the
+        error, ~1e-12 relative in practice), |e| summed in float64, non-zeros counted directly."""
         n = w.numel()
         if not n:
             return
         e = self.err[self.pos:self.pos + n]
         self.pos += n
         torch.sub(w_hat, w, out=e)
-        wd, hd = _WS.get("m_wd", n, torch.float64), _WS.get("m_hd", n, torch.float64)
-        wd.copy_(w)
-        hd.copy_(w_hat)
-        self.ss_w += float(torch.dot(wd, wd))
-        self.dot += float(torch.dot(wd, hd))
-        self.ss_h += float(torch.dot(hd, hd))
-        hd.copy_(e)
-        self.ss_e += float(torch.dot(hd, hd))
-        hd.abs_()
-        self.abs_e += float(hd.sum())
-        self.max_abs = max(self.max_abs, float(hd.max()))
-        # non-zeros counted as sign(v) . sign(v) (float32 sums of ones: exact below 2**24 per block)
-        if n <= 1 << 24:
-            sg = _WS.get("m_sg", n, torch.float32)
-            nnz = lambda v: int(torch.dot(*(torch.sign(v, out=sg),) * 2))  # noqa: E731
-        else:
-            nnz = lambda v: int(torch.count_nonzero(v))  # noqa: E731
-        h_zero = n - nnz(w_hat)
-        w_zero = n - nnz(w) if h_zero else 0          # w == 0 implies w_hat == 0
+        vn = torch.linalg.vector_norm
+        ss_w = float(vn(w, dtype=torch.float64)) ** 2
+        ss_h = float(vn(w_hat, dtype=torch.float64)) ** 2
+        ss_e = float(vn(e, dtype=torch.float64)) ** 2
+        self.ss_w += ss_w
+        self.ss_h += ss_h
+        self.ss_e += ss_e
+        self.dot += (ss_w + ss_h - ss_e) / 2
+        a = torch.abs(e, out=_WS.get("m_abs", n, torch.float32))
+        self.abs_e += float(a.sum(dtype=torch.float64))
+        self.max_abs = max(self.max_abs, float(a.max()))
+        h_zero = n - int(torch.count_nonzero(w_hat))
+        w_zero = n - int(torch.count_nonzero(w)) if h_zero else 0      # w == 0 implies w_hat == 0
         self.n_nz += n - w_zero
         self.n_zeroed += h_zero - w_zero
 
-    def result(self, scale: torch.Tensor) -> dict:
+    def result(self, scale: torch.Tensor | None = None) -> dict:
         from ..metrics import HIST_BINS
         n = self.err.numel()
         ss_w, ss_e, ss_h = self.ss_w, self.ss_e, self.ss_h
@@ -203,7 +203,7 @@ class _ErrorAccumulator:
             "zero_fraction": self.n_zeroed / self.n_nz if self.n_nz else 0.0,
             "weight_rms": math.sqrt(ss_w / max(1, n)),
             "hist": {"range": r, "counts": [int(c) for c in hist.tolist()]},
-            "scale": _scale_stats(scale),
+            **({"scale": _scale_stats(scale)} if scale is not None else {}),
         }
 
 
@@ -215,21 +215,26 @@ def _scale_stats(scale: torch.Tensor) -> dict:
 
 
 class _MetricsWorker:
-    """Measures quantized tensors on a second thread: the weight error costs several times the CPU of the
-    quantization, and the main thread meanwhile writes the tensor and reads the next. One job at a time."""
+    """Measures quantized tensors on `n` threads while the main thread reads, quantizes and writes (the weight
+    error costs several times the CPU of the quantization). At most `n` jobs in flight (each holds its tensor)."""
 
-    def __init__(self):
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fishlab-metrics")
-        self.job = None
+    def __init__(self, n: int = 2):
+        self.n = max(1, n)
+        self.pool = ThreadPoolExecutor(max_workers=self.n, thread_name_prefix="fishlab-metrics")
+        self.jobs: deque = deque()
+
+    def reserve(self) -> None:
+        """Wait until fewer than n jobs are in flight (re-raising a worker's exception here)."""
+        while self.jobs and (len(self.jobs) >= self.n or self.jobs[0].done()):
+            self.jobs.popleft().result()
 
     def wait(self) -> None:
-        job, self.job = self.job, None
-        if job is not None:
-            job.result()            # re-raises the worker's exception here
+        while self.jobs:
+            self.jobs.popleft().result()
 
     def submit(self, fn, *args) -> None:
-        self.wait()
-        self.job = self.pool.submit(fn, *args)
+        self.reserve()
+        self.jobs.append(self.pool.submit(fn, *args))
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -323,9 +328,12 @@ class _Pending:
     with_metrics: bool
     reader: _ReadAhead
     worker: _MetricsWorker | None = None
+    device: torch.device | None = None
     qt: QTensor | None = None
 
     def qdata(self) -> torch.Tensor:
+        if self.device is not None:
+            return self._qdata_on_device()
         if self.with_metrics and self.worker is not None:
             return self._qdata_pipelined()
         w = self.reader.read(self.info, reuse=True)
@@ -339,14 +347,29 @@ class _Pending:
             self.metrics[self.info.name] = m
         return self.qt.qdata
 
+    def _qdata_on_device(self) -> torch.Tensor:
+        """The whole tensor on the device (a GPU): quantize_tensor and weight_error there, results back."""
+        w = self.reader.read(self.info).to(self.device)
+        try:
+            qt = quantize_tensor(self.info.name, w, self.scheme)
+        except QuantError as e:
+            raise QuantizeError(f"{e}; nothing was written") from e
+        if self.with_metrics:
+            m = weight_error(w, dequantize_tensor(qt, torch.float32), qt.scale)
+            m.update(component=self.spec_.component, projection=self.spec_.projection, layer=self.spec_.layer,
+                     group=self.spec_.group, shape=list(self.spec_.shape))
+            self.metrics[self.info.name] = m
+        self.qt = qt.to("cpu")
+        return self.qt.qdata
+
     def _qdata_pipelined(self) -> torch.Tensor:
         w = self.reader.read(self.info)           # a tensor of its own: the worker keeps it
-        self.worker.wait()    # the previous tensor measured: bounded memory, no torch thread-count change in flight
+        self.worker.reserve()                     # bounded memory: at most METRICS_THREADS tensors in flight
         try:
             self.qt, _ = quantize_blocked(self.info.name, w, self.scheme)
         except QuantError as e:
             raise QuantizeError(f"{e}; nothing was written") from e
-        self.worker.submit(self._measure, w, _scale_stats(self.qt.scale))   # scale stats at the caller's threads
+        self.worker.submit(self._measure, w, _scale_stats(self.qt.scale))
         return self.qt.qdata
 
     def _measure(self, w: torch.Tensor, scale_stats: dict) -> None:
@@ -370,9 +393,14 @@ def _existing_parent(p: Path) -> Path:
 
 
 def quantize_checkpoint(src: str | Path, out: str | Path, phase: Phase, overwrite: bool = False,
-                        with_metrics: bool = True, progress: bool = False) -> dict:
+                        with_metrics: bool = True, progress: bool = False,
+                        device: str | torch.device | None = None) -> dict:
     """Write `phase` applied to the checkpoint `src` into the directory `out`; returns quantization.json's
-    content (with the metrics under 'metrics')."""
+    content (with the metrics under 'metrics').
+
+    device=None: the CPU streaming path (blocked in-place kernel, measuring threads). device="cuda" (or any
+    torch device): each target tensor is moved there whole and quantized (`quantize_tensor`) and measured
+    (`metrics.weight_error`) on it; reading and writing stay streamed on the host. Both give the same bytes."""
     src, out = Path(src).resolve(), Path(out).resolve()
     if out == src or src in out.parents:
         raise QuantizeError(f"output {out} must not be the input checkpoint or inside it")
@@ -397,11 +425,12 @@ def quantize_checkpoint(src: str | Path, out: str | Path, phase: Phase, overwrit
     plan: list[OutTensor] = []
     descriptions: dict[str, dict] = {}
     reader = _ReadAhead([infos[s.name] for s in specs])     # the order write_sharded reads them in
-    worker = _MetricsWorker() if with_metrics and METRICS_THREAD else None
+    device = None if device is None else torch.device(device)
+    worker = _MetricsWorker(METRICS_THREADS) if with_metrics and METRICS_THREADS and device is None else None
     for s in specs:
         info = infos[s.name]
         if s.name in targets:
-            p = _Pending(info, s, scheme, metrics, with_metrics, reader, worker)
+            p = _Pending(info, s, scheme, metrics, with_metrics, reader, worker, device)
             desc = _planned_description(s, info, scheme)
             descriptions[s.name] = desc
             plan.append(OutTensor(s.name + ".qdata", (desc["qdata_nbytes"],), "uint8", p.qdata))
@@ -418,11 +447,18 @@ def quantize_checkpoint(src: str | Path, out: str | Path, phase: Phase, overwrit
             for f in sorted(src.iterdir()):
                 if f.is_file() and not _is_weight_file(f):
                     shutil.copy2(f, tmp / f.name)
-            write_sharded(tmp, plan, n_shards=_n_shards(src),
-                          metadata={"format": "pt", METADATA_KEY: json.dumps(qmeta, separators=(",", ":"))},
-                          progress=bar.update if bar else None)
-            if worker is not None:
-                worker.wait()                   # the last tensor's metrics
+            # with measuring threads, torch's thread count is set once for the whole stream (to QUANT_THREADS),
+            # not toggled per tensor while other threads compute; the scale statistics are then computed at
+            # that count too (their float32 mean can differ in the last bit from one at another thread count)
+            with _threads(QUANT_THREADS if worker is not None else None):
+                write_sharded(tmp, plan, n_shards=_n_shards(src),
+                              metadata={"format": "pt", METADATA_KEY: json.dumps(qmeta, separators=(",", ":"))},
+                              progress=bar.update if bar else None)
+                if worker is not None:
+                    worker.wait()                   # the last tensors' metrics
+            ordered = {s.name: metrics[s.name] for s in specs if s.name in metrics}   # threads finish in any order
+            metrics.clear()
+            metrics.update(ordered)
             measured = tree_bytes(tmp)
             result = dict(qmeta, source=str(src), seconds=time.perf_counter() - t0,
                           measured_bytes=measured, weights_bytes=sum(p.stat().st_size for p in transformer_files(tmp)),

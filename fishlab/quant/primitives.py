@@ -447,7 +447,9 @@ class _Workspace(threading.local):
 
     def get(self, key: str, n: int, dtype: torch.dtype) -> torch.Tensor:
         b = self.bufs.get(key)
-        if b is None or b.numel() < n or b.dtype != dtype:
+        # a buffer made under torch.inference_mode cannot be written outside it: make a new one then
+        if (b is None or b.numel() < n or b.dtype != dtype
+                or (b.is_inference() and not torch.is_inference_mode_enabled())):
             b = torch.empty(max(n, 1), dtype=dtype)
             self.bufs[key] = b
         return b[:n]

@@ -1,0 +1,28 @@
+"""benchmarks/gpu_check.py, the script meant for a CUDA machine, runs green on the CPU at demo size, so it is not
+broken when a GPU appears (it exercises the same sections: routes, eager + compiled decode, TTS, codec dtypes)."""
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_gpu_check_runs_green_on_cpu(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--small",
+                        "--json", str(out)], capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["failed"] == 0
+    rows = {(r["section"], r["item"].split(" [")[0]): r for r in data["rows"]}
+    expect = {"int8_row": "int8_mm", "int4_g128": "int4_mm", "fp8_row": "dense", "int3_g128": "dense",
+              "int2_g64": "dense"}
+    for scheme, route in expect.items():
+        r = rows[("route", scheme)]
+        assert r["route"] == route and r["rel_err_b1"] < 0.01, r
+    assert {v: rows[("decode", v)]["routes"] for v in ("bf16", "int8", "int4")} == \
+        {"bf16": "float", "int8": "int8_mm", "int4": "int4_mm"}
+    assert rows[("decode", "int4")]["same_frames"] is True and rows[("decode", "int4")]["compiled_fr_s"] > 0
+    assert rows[("tts", "int4 + codec fp32, sampled")]["finite"]
+    assert rows[("codec", "bfloat16 vs float32")]["snr_db"] > 20
+    assert "| section | item | result | check |" in p.stdout
