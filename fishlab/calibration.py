@@ -39,7 +39,7 @@ from .checkpoint import read_tensor, validate_transformer
 from .config import TextLMConfig, load_config
 from .manifest import transformer_manifest
 from .phases import Phase
-from .quant.primitives import QTensor, Scheme, dequantize_tensor
+from .quant.primitives import QTensor, dequantize_tensor
 
 log = logging.getLogger("fishlab.calibration")
 
@@ -192,7 +192,7 @@ def calibrate_and_quantize(src: str | Path, per_tensor: dict[str, Phase], device
     cfg_t, infos = validate_transformer(src)
     specs = {s.name: s for s in transformer_manifest(cfg_t)}
     gptq = {n for n, tp in per_tensor.items() if tp.quantizer == "gptq"}
-    outside = sorted(n for n in gptq if specs[n].component != "slow_ar")
+    outside = sorted(specs[n].internal.removesuffix(".weight") for n in gptq if specs[n].component != "slow_ar")
     if outside:
         raise CalibrationError(f"gptq is calibrated on the slow-AR stack only; {outside[0]} (and {len(outside) - 1} "
                                f"more) lie outside it: keep them or give them another quantizer in an override")

@@ -13,12 +13,12 @@ from fishlab import spec
 from fishlab.checkpoint import OutTensor, iter_tensors, read_headers, transformer_files, write_sharded
 from fishlab.config import load_config
 from fishlab.demo import build_demo_checkpoint
-from fishlab.manifest import hf_to_internal, linear_targets, transformer_manifest
+from fishlab.manifest import linear_targets, transformer_manifest
 from fishlab.model.load import CheckpointError, load_transformer
 from fishlab.phases import Phase
 from fishlab.quant.apply import (_is_weight_file, dequantized_state_dict, load_quantized_tensors, quantize_checkpoint,
                                  scheme_of)
-from fishlab.quant.primitives import QTensor, Scheme, dequantize_tensor, quantize_tensor
+from fishlab.quant.primitives import Scheme, dequantize_tensor, quantize_tensor
 from fishlab.quant.qlinear import QuantizedLinear
 from fishlab.sizes import phase_estimate
 

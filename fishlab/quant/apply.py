@@ -367,9 +367,7 @@ class _Pending:
         except QuantError as e:
             raise QuantizeError(f"{e}; nothing was written") from e
         if m is not None:
-            m.update(component=self.spec_.component, projection=self.spec_.projection, layer=self.spec_.layer,
-                     group=self.spec_.group, shape=list(self.spec_.shape))
-            self.metrics[self.info.name] = m
+            self._record(m)
         return self.qt.qdata
 
     def _record(self, m: dict) -> None:
@@ -404,9 +402,7 @@ class _Pending:
             raise QuantizeError(f"{e}; nothing was written") from e
         if self.with_metrics:
             m = weight_error(w, dequantize_tensor(qt, torch.float32), qt.scale)
-            m.update(component=self.spec_.component, projection=self.spec_.projection, layer=self.spec_.layer,
-                     group=self.spec_.group, shape=list(self.spec_.shape))
-            self.metrics[self.info.name] = m
+            self._record(m)
         self.qt = qt.to("cpu")
         return self.qt.qdata
 
@@ -423,9 +419,7 @@ class _Pending:
     def _measure(self, w: torch.Tensor, scale_stats: dict) -> None:
         _, m = quantize_blocked(self.info.name, w, self.scheme, True)   # recomputed: cheaper than handing over
         m["scale"] = scale_stats
-        m.update(component=self.spec_.component, projection=self.spec_.projection, layer=self.spec_.layer,
-                 group=self.spec_.group, shape=list(self.spec_.shape))
-        self.metrics[self.info.name] = m
+        self._record(m)
 
     def scale(self) -> torch.Tensor:
         qt = self.qt
@@ -484,8 +478,11 @@ def quantize_checkpoint(src: str | Path, out: str | Path, phase: Phase, overwrit
     calibrated: dict[str, QTensor] = {}
     calibration_info = None
     if any(tp.calibrated for tp in per_tensor.values()):
-        from ..calibration import calibrate_and_quantize
-        calibrated, calibration_info = calibrate_and_quantize(src, per_tensor, device=device, progress=progress)
+        from ..calibration import CalibrationError, calibrate_and_quantize
+        try:
+            calibrated, calibration_info = calibrate_and_quantize(src, per_tensor, device=device, progress=progress)
+        except (CalibrationError, QuantError) as e:
+            raise QuantizeError(f"calibration for {phase.name}: {e}; nothing was written") from e
     reader = _ReadAhead([infos[s.name] for s in specs])     # the order write_sharded reads them in
     worker = _MetricsWorker(METRICS_THREADS) if with_metrics and METRICS_THREADS and device is None else None
     for s in specs:

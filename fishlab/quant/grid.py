@@ -66,3 +66,19 @@ def minmax_qparams(wg: torch.Tensor, scheme: Scheme, ratio: float = 1.0) -> tupl
     scale = round_to((hi - lo) / scheme.levels, scheme)
     zero = torch.where(scale == 0, torch.zeros_like(lo), -lo / torch.where(scale == 0, torch.ones_like(scale), scale))
     return scale, round_to(zero, scheme)
+
+
+def group_error(wg: torch.Tensor, valid: torch.Tensor | None, scale: torch.Tensor, zero: torch.Tensor | None,
+                scheme: Scheme, norm: float = 2.0) -> torch.Tensor:
+    """``sum |W - W'|^norm`` per group [...] over the real columns (``valid``, from `grouped`)."""
+    d = (fake_quant(wg, scale, zero, scheme) - wg).abs_().pow_(norm)
+    if valid is not None:
+        d = d * valid
+    return d.sum(dim=-1)
+
+
+def keep_better(best: tuple, cand: tuple) -> tuple:
+    """Per group, the (error, scale, zero) of ``cand`` where its error is strictly lower, else ``best``'s (the
+    searches start from RTN, so a group keeps RTN's qparams unless a candidate beats them)."""
+    better = cand[0] < best[0]
+    return tuple(None if b is None else torch.where(better, c, b) for b, c in zip(best, cand))

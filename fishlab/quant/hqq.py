@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .grid import codes, from_codes, minmax_qparams, round_to
+from .grid import codes, from_codes, group_error, keep_better, minmax_qparams, round_to
 from .primitives import Scheme
 
 
@@ -38,7 +38,7 @@ def hqq_qparams(wg: torch.Tensor, valid: torch.Tensor | None, scheme: Scheme, it
     m = torch.ones_like(wg) if valid is None else valid.expand_as(wg).to(wg.dtype)
     n = m.sum(dim=-1).clamp_min(1)
     s, z = minmax_qparams(wg, scheme)
-    best_s, best_z, best_e = s, z, _err(wg, m, s, z, scheme, keep_norm)
+    best = (group_error(wg, valid, s, z, scheme, keep_norm), s, z)
     for _ in range(iters):
         c = codes(wg, s, z, scheme)
         we = shrink_lp(wg - from_codes(c, s, z), beta, p)
@@ -52,14 +52,5 @@ def hqq_qparams(wg: torch.Tensor, valid: torch.Tensor | None, scheme: Scheme, it
             s_new = (c * target * m).sum(dim=-1) / torch.where(cc == 0, torch.ones_like(cc), cc)
             s = torch.where(cc == 0, s, round_to(s_new.abs(), scheme))
         beta *= kappa
-        e = _err(wg, m, s, z, scheme, keep_norm)
-        better = e < best_e
-        best_e = torch.where(better, e, best_e)
-        best_s = torch.where(better, s, best_s)
-        if z is not None:
-            best_z = torch.where(better, z, best_z)
-    return best_s, best_z
-
-
-def _err(wg, m, s, z, scheme, norm):
-    return ((from_codes(codes(wg, s, z, scheme), s, z) - wg).abs().pow(norm) * m).sum(dim=-1)
+        best = keep_better(best, (group_error(wg, valid, s, z, scheme, keep_norm), s, z))
+    return best[1], best[2]

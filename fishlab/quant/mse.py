@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .grid import fake_quant, minmax_qparams
+from .grid import group_error, keep_better, minmax_qparams
 from .primitives import Scheme
 
 
@@ -22,22 +22,10 @@ def mse_qparams(wg: torch.Tensor, valid: torch.Tensor | None, scheme: Scheme, gr
                 min_ratio: float = 0.2, norm: float = 3.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Qparams (``scale``, ``zero`` or None) [..., n_groups] of grouped weights ``wg`` [..., n_groups, g]
     (``valid``: the real columns, from `grid.grouped`), already rounded to the scheme's scale dtype."""
-    best_s, best_z = minmax_qparams(wg, scheme)
-    best_e = _err(wg, valid, best_s, best_z, scheme, norm)
+    s, z = minmax_qparams(wg, scheme)
+    best = (group_error(wg, valid, s, z, scheme, norm), s, z)
     for i in range(1, grid):
         r = 1.0 - (1.0 - min_ratio) * i / (grid - 1)
         s, z = minmax_qparams(wg, scheme, r)
-        e = _err(wg, valid, s, z, scheme, norm)
-        better = e < best_e
-        best_e = torch.where(better, e, best_e)
-        best_s = torch.where(better, s, best_s)
-        if z is not None:
-            best_z = torch.where(better, z, best_z)
-    return best_s, best_z
-
-
-def _err(wg, valid, s, z, scheme, norm):
-    d = (fake_quant(wg, s, z, scheme) - wg).abs_().pow_(norm)
-    if valid is not None:
-        d = d * valid
-    return d.sum(dim=-1)
+        best = keep_better(best, (group_error(wg, valid, s, z, scheme, norm), s, z))
+    return best[1], best[2]
