@@ -3,10 +3,24 @@
 Adding a phase = adding a file. The same files feed papermill (`-f params/1b.yaml`) and the CLI
 (`fishlab quantize --phase 1b`). A file with a `source:` key (gguf | fp8 | gptq) and a `path:` is an *import*:
 a published quantization read as a phase-like row (`fishlab.sources.ImportPhase`).
+
+Keys of a phase file: `method` (the number format: int | fp8), `bits`, `group_size`, `target` (slow | all),
+`scale_dtype`, and (optional, beyond round-to-nearest):
+- `zero_point: true`: asymmetric INT2/3/4 (a zero point per group, docs/packed-format.md version 2);
+- `quantizer`: the algorithm that picks the stored values, `rtn` (default), `mse`, `hqq` or `gptq`
+  (fishlab/quant/methods.py), with its settings in `quantizer_args` (defaults there);
+- `calibration`: the calibration set of a calibrated quantizer, `{tokens: N, ctx: T}` (fishlab/calibration.py);
+- `overrides`: a per-tensor list for mixed precision, `{match: <glob on the internal linear name, e.g.
+  "layers.3.feed_forward.w2" or "fast_*">, keep: true}` (left as stored) or `{match: ..., <any of method, bits,
+  group_size, scale_dtype, zero_point, quantizer, quantizer_args>}`. The first override that matches a linear
+  decides it (it may also quantize a linear outside the target); other linears follow the phase.
+- `allocation`: what the bit allocator recorded when it wrote the file (fishlab/allocate.py); informative.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import fnmatch
+import json
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -15,6 +29,9 @@ METHODS = ("fp8", "int")
 INT_BITS = (2, 3, 4, 8)
 TARGETS = ("slow", "all")
 SCALE_DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZERS = ("rtn", "mse", "hqq", "gptq")
+ZERO_POINT_BITS = (2, 3, 4)
+OVERRIDE_KEYS = ("method", "bits", "group_size", "scale_dtype", "zero_point", "quantizer", "quantizer_args")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,19 +50,50 @@ class Phase:
     scale_dtype: str = "float32"
     description: str = ""
     source: str = ""            # the params file it came from
+    zero_point: bool = False    # asymmetric INT2/3/4
+    quantizer: str = "rtn"      # rtn | mse | hqq | gptq
+    quantizer_args: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    overrides: tuple = ()       # of dicts: {match, keep} or {match, <OVERRIDE_KEYS>}
+    allocation: dict | None = None
 
     @property
     def label(self) -> str:
-        kind = "FP8" if self.method == "fp8" else f"INT{self.bits}"
+        kind = "FP8" if self.method == "fp8" else f"INT{self.bits}" + ("a" if self.zero_point else "")
         gran = "row" if self.group_size is None else f"g{self.group_size}"
-        return f"{self.name} {kind} {gran} {self.target}"
+        extra = "" if self.quantizer == "rtn" else f" {self.quantizer.upper()}"
+        mixed = f" +{len(self.overrides)} overrides" if self.overrides else ""
+        return f"{self.name} {kind} {gran} {self.target}{extra}{mixed}"
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether quantizing needs calibration activations (some tensor uses GPTQ)."""
+        return self.quantizer == "gptq" or any(o.get("quantizer") == "gptq" for o in self.overrides)
+
+    def tensor_phase(self, name: str, in_target: bool) -> "Phase | None":
+        """How this phase treats one linear, by its internal module name (`layers.3.feed_forward.w2`): the first
+        override whose `match` fits it decides (None for `keep`); otherwise the phase itself when the linear is
+        in the target, else None (stored as it is). The returned phase has no overrides."""
+        for o in self.overrides:
+            if fnmatch.fnmatchcase(name, o["match"]):
+                if o.get("keep"):
+                    return None
+                return replace(self, overrides=(), **{k: v for k, v in o.items() if k != "match"})
+        return replace(self, overrides=()) if in_target and self.overrides else (self if in_target else None)
+
+    def scheme_key(self) -> tuple:
+        """What decides a tensor's stored values (not its name, description or target)."""
+        return (self.method, self.bits, self.group_size, self.scale_dtype, self.zero_point, self.quantizer,
+                json.dumps(self.quantizer_args, sort_keys=True),
+                json.dumps(self.calibration, sort_keys=True) if self.calibrated else "")
 
     @property
     def qmax(self) -> float:
         return 448.0 if self.method == "fp8" else float(2 ** (self.bits - 1) - 1)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain JSON data (overrides as a list), equal to what quantization.json stores and gives back."""
+        return json.loads(json.dumps(asdict(self)))
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "phase") -> "Phase":
@@ -69,8 +117,41 @@ class Phase:
         need(target in TARGETS, f"unknown target {target!r}; known targets: {', '.join(TARGETS)}")
         sd = d.get("scale_dtype", "float32")
         need(sd in SCALE_DTYPES, f"scale_dtype must be one of {SCALE_DTYPES}, got {sd!r}")
+        zp = d.get("zero_point", False)
+        need(isinstance(zp, bool), f"zero_point must be true or false, got {zp!r}")
+        need(not zp or (method == "int" and bits in ZERO_POINT_BITS),
+             f"zero_point needs method int with bits {ZERO_POINT_BITS}, got {method} {bits}")
+        quantizer = d.get("quantizer", "rtn")
+        need(quantizer in QUANTIZERS, f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
+        need(quantizer == "rtn" or method == "int", f"quantizer {quantizer} needs method int, got {method}")
+        args = d.get("quantizer_args") or {}
+        need(isinstance(args, dict), f"quantizer_args must be a mapping, got {args!r}")
+        from .quant.methods import check_args
+        bad = check_args(quantizer, args)
+        need(not bad, f"quantizer_args: {bad}")
+        cal = d.get("calibration") or {}
+        need(isinstance(cal, dict) and set(cal) <= {"tokens", "ctx", "seed"}
+             and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for k, v in cal.items() if k != "seed"),
+             f"calibration must be a mapping of tokens / ctx (positive integers) and seed, got {cal!r}")
+        alloc = d.get("allocation")
+        need(alloc is None or isinstance(alloc, dict), "allocation must be a mapping")
+        overrides = d.get("overrides") or []
+        need(isinstance(overrides, list), f"overrides must be a list, got {type(overrides).__name__}")
+        base = {k: v for k, v in d.items() if k not in ("overrides", "allocation")}
+        for i, o in enumerate(overrides):
+            where = f"overrides[{i}]"
+            need(isinstance(o, dict) and isinstance(o.get("match"), str) and o["match"],
+                 f"{where} needs a 'match' (a glob on linear names, e.g. layers.3.feed_forward.w2)")
+            unknown = set(o) - {"match", "keep", *OVERRIDE_KEYS}
+            need(not unknown, f"{where}: unknown keys {sorted(unknown)} (known: match, keep, {', '.join(OVERRIDE_KEYS)})")
+            if "keep" in o:
+                need(o["keep"] is True and set(o) == {"match", "keep"}, f"{where}: keep: true stands alone")
+                continue
+            cls.from_dict(dict(base, **{k: v for k, v in o.items() if k != "match"}), f"{source}: {where}")
         return cls(name=str(d["phase"]), method=method, bits=int(bits), group_size=group, target=target,
-                   scale_dtype=sd, description=str(d.get("description", "")), source=source)
+                   scale_dtype=sd, description=str(d.get("description", "")), source=source, zero_point=zp,
+                   quantizer=quantizer, quantizer_args=dict(args), calibration=dict(cal),
+                   overrides=tuple(dict(o) for o in overrides), allocation=alloc)
 
 
 def parse_phase(d: dict, source: str = "phase"):

@@ -78,7 +78,7 @@ def test_scheme_names_and_dict_roundtrip():
     for s in ALL_SCHEMES:
         assert Scheme.from_dict(json.loads(json.dumps(s.to_dict()))) == s
     with pytest.raises(SchemeError, match="unknown"):
-        Scheme.from_dict({"method": "int", "bits": 4, "zero_point": 3})
+        Scheme.from_dict({"method": "int", "bits": 4, "zero_offset": 3})
     with pytest.raises(SchemeError, match="lacks"):
         Scheme.from_dict({"method": "int"})
 

@@ -1,12 +1,18 @@
 """Quantization primitives: choose_qparams / quantize / dequantize and the QTensor container.
 
-Schemes (all symmetric, no zero point):
+Schemes (symmetric unless ``zero_point``):
 
 * ``fp8``  : float8_e4m3fn, ``scale = max|W_group| / 448``, ``q = fp8(W / scale)``
   (values clamped to +-448 before the round-to-nearest-even cast), ``W' = q.float() * scale``.
 * ``int``  : restricted range ``[-qmax, qmax]`` with ``qmax = 2**(bits-1) - 1``,
   ``scale = max|W_group| / qmax``, ``q = clamp(round_half_even(W / scale), -qmax, qmax)``,
   ``W' = q * scale``.
+* ``int`` with ``zero_point`` (INT2/3/4, format version 2): all ``2**bits`` levels ``u in [0, 2**bits - 1]``
+  and a float zero point per group: ``W' = (u - zero) * scale``.  The stored value is the signed
+  ``q = u - 2**(bits-1)`` (so the offset-binary packing writes ``u`` itself).  Round-to-nearest picks
+  ``lo = min(W_group, 0)``, ``hi = max(W_group, 0)``, ``scale = (hi - lo) / (2**bits - 1)``,
+  ``zero = -lo / scale`` (:func:`choose_qparams_affine`); the calibrated quantizers (fishlab.quant.mse,
+  .hqq, .gptq) choose scale and zero their own way and store them the same way.
 
 Conventions
 -----------
@@ -45,6 +51,7 @@ from . import pack as _pack
 
 __all__ = [
     "FORMAT_VERSION",
+    "READ_VERSIONS",
     "FP8_MAX",
     "SCALE_DTYPES",
     "SchemeError",
@@ -58,16 +65,20 @@ __all__ = [
     "INT2_G64",
     "QTensor",
     "choose_qparams",
+    "choose_qparams_affine",
     "quantize",
     "dequantize",
     "quantize_tensor",
+    "pack_qtensor",
     "dequantize_tensor",
     "describe",
     "from_description",
 ]
 
-#: Version of the packed on-disk format described in docs/packed-format.md.
-FORMAT_VERSION = 1
+#: Version of the packed on-disk format described in docs/packed-format.md (2 added zero points; a version-1
+#: file is a version-2 file without them, and still loads).
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 
 #: Largest finite float8_e4m3fn value.
 FP8_MAX = 448.0
@@ -110,12 +121,15 @@ class Scheme:
     method: ``"fp8"`` (float8_e4m3fn, bits must be 8) or ``"int"`` (bits in 2, 3, 4, 8).
     group_size: ``None`` = one scale per output row, else elements per group along cols.
     scale_dtype: ``"float32"`` | ``"bfloat16"`` | ``"float16"``.
+    zero_point: asymmetric ``int`` (bits 2, 3, 4): a zero point per group beside each scale, stored in
+    ``scale_dtype``; ``W' = (u - zero) * scale`` over all ``2**bits`` levels.
     """
 
     method: str
     bits: int
     group_size: Optional[int] = None
     scale_dtype: str = "float32"
+    zero_point: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in ("fp8", "int"):
@@ -135,6 +149,15 @@ class Scheme:
             raise SchemeError(
                 f"scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {self.scale_dtype!r}"
             )
+        if not isinstance(self.zero_point, bool):
+            raise SchemeError(f"zero_point must be true or false, got {self.zero_point!r}")
+        if self.zero_point and (self.method != "int" or self.bits not in (2, 3, 4)):
+            raise SchemeError(f"zero_point needs method 'int' with bits 2, 3 or 4, got {self.method} {self.bits}")
+
+    @property
+    def levels(self) -> int:
+        """Largest stored level ``u`` of an asymmetric scheme: ``2**bits - 1``."""
+        return (1 << self.bits) - 1
 
     @property
     def pack_bits(self) -> Bits:
@@ -156,7 +179,7 @@ class Scheme:
         base = "fp8" if self.method == "fp8" else f"int{self.bits}"
         grp = "row" if self.group_size is None else f"g{self.group_size}"
         suffix = {"float32": "", "bfloat16": "_bf16", "float16": "_fp16"}[self.scale_dtype]
-        return f"{base}_{grp}{suffix}"
+        return f"{base}_{grp}{'_zp' if self.zero_point else ''}{suffix}"
 
     def to_dict(self) -> dict:
         return {
@@ -164,13 +187,14 @@ class Scheme:
             "bits": self.bits,
             "group_size": self.group_size,
             "scale_dtype": self.scale_dtype,
+            "zero_point": self.zero_point,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "Scheme":
         if not isinstance(d, dict):
             raise SchemeError(f"scheme description must be a dict, got {type(d).__name__}")
-        unknown = set(d) - {"method", "bits", "group_size", "scale_dtype"}
+        unknown = set(d) - {"method", "bits", "group_size", "scale_dtype", "zero_point"}
         if unknown:
             raise SchemeError(f"unknown scheme keys: {sorted(unknown)}")
         try:
@@ -179,6 +203,7 @@ class Scheme:
                 bits=d["bits"],
                 group_size=d.get("group_size"),
                 scale_dtype=d.get("scale_dtype", "float32"),
+                zero_point=d.get("zero_point", False),
             )
         except KeyError as e:
             raise SchemeError(f"scheme description lacks {e.args[0]!r}") from None
@@ -297,17 +322,58 @@ def choose_qparams(
     return scale
 
 
+def choose_qparams_affine(
+    w: torch.Tensor,
+    bits: int,
+    group_size: Optional[int] = None,
+    scale_dtype: Union[str, torch.dtype] = "float32",
+    *,
+    name: str = "<tensor>",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric (min/max) qparams ``(scale, zero)``, each ``[rows, n_groups]`` in ``scale_dtype``.
+
+    ``lo = min(W_group, 0)``, ``hi = max(W_group, 0)`` (the range always holds 0, so a constant or all-zero
+    group is exact), ``scale = (hi - lo) / (2**bits - 1)``, rounded to ``scale_dtype`` first;
+    ``zero = -lo / scale`` (float32 division by the rounded scale), then rounded to ``scale_dtype``.  An
+    all-zero group gets scale 0 and zero 0 (it dequantizes to zeros).
+    """
+    if not w.is_floating_point():
+        raise QuantError(f"{name}: expected a floating-point weight, got {w.dtype}")
+    if isinstance(bits, bool) or bits not in (2, 3, 4):
+        raise SchemeError(f"asymmetric qparams need bits 2, 3 or 4, got {bits!r}")
+    sdt = _scale_torch_dtype(scale_dtype)
+    w2 = _as_2d(w.detach())
+    rows, cols = w2.shape
+    g, n_groups = _group(cols, group_size)
+    if cols == 0:
+        z = torch.zeros(rows, n_groups, dtype=sdt, device=w.device)
+        return z, z.clone()
+    wg = _grouped(w2, g, n_groups)            # zero padding never changes min(., 0) / max(., 0)
+    lo = wg.amin(dim=2).to(torch.float32).clamp_max(0)
+    hi = wg.amax(dim=2).to(torch.float32).clamp_min(0)
+    if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise NonFiniteWeightError(_nonfinite_message(name, w))
+    scale = ((hi - lo) / float((1 << bits) - 1)).to(sdt)
+    if not bool(torch.isfinite(scale).all()):
+        raise QuantError(f"{name}: scale overflows {sdt} (max - min = {float((hi - lo).max()):.6g})")
+    zero = torch.where(scale == 0, torch.zeros_like(lo), -lo / _safe_divisor(scale)).to(sdt)
+    return scale, zero
+
+
 def quantize(
     w: torch.Tensor,
     scale: torch.Tensor,
     bits: Bits,
     group_size: Optional[int] = None,
+    zero: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Quantize ``w`` with precomputed ``scale`` (``[rows, n_groups]``, any float dtype).
 
     Returns a tensor of ``w``'s shape: ``int8`` in ``[-qmax, qmax]`` (round half to even,
     then clamp) for integer bits, ``float8_e4m3fn`` for ``"fp8"``.  Groups with scale 0
-    quantize to 0.
+    quantize to 0.  With ``zero`` (asymmetric, int bits 2/3/4; same shape as ``scale``):
+    ``u = clamp(round_half_even(W / scale + zero), 0, 2**bits - 1)``, returned as the signed
+    ``u - 2**(bits-1)`` (int8).
     """
     fp8 = _is_fp8(bits)
     qmax = _qmax(bits)
@@ -317,6 +383,14 @@ def quantize(
     if tuple(scale.shape) != (rows, n_groups):
         raise QuantError(f"scale shape {tuple(scale.shape)} != expected {(rows, n_groups)}")
     x = _grouped(w2.to(torch.float32), g, n_groups) / _safe_divisor(scale).unsqueeze(2)
+    if zero is not None:
+        if fp8 or bits == 8:
+            raise SchemeError(f"zero points need int bits 2, 3 or 4, got {bits!r}")
+        if tuple(zero.shape) != (rows, n_groups):
+            raise QuantError(f"zero shape {tuple(zero.shape)} != expected {(rows, n_groups)}")
+        half = 1 << (bits - 1)
+        x = torch.round(x + zero.to(torch.float32).unsqueeze(2)).clamp_(0, 2 * half - 1).sub_(half)
+        return x.reshape(rows, n_groups * g)[:, :cols].to(torch.int8).reshape(w.shape)
     x = x.reshape(rows, n_groups * g)[:, :cols]
     if fp8:
         q = x.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
@@ -330,10 +404,13 @@ def dequantize(
     scale: torch.Tensor,
     group_size: Optional[int] = None,
     dtype: torch.dtype = torch.float32,
+    zero: Optional[torch.Tensor] = None,
+    bits: Optional[int] = None,
 ) -> torch.Tensor:
     """``W' = q.float() * scale.float()`` (per group), computed in float32, returned as ``dtype``.
 
-    ``q`` is int8 or float8_e4m3fn of any shape (viewed as ``[rows, cols]``).
+    ``q`` is int8 or float8_e4m3fn of any shape (viewed as ``[rows, cols]``).  With ``zero`` (and the
+    scheme's ``bits``): ``W' = (q + 2**(bits-1) - zero) * scale``, i.e. ``(u - zero) * scale``.
     """
     q2 = _as_2d(q)
     rows, cols = q2.shape
@@ -341,7 +418,14 @@ def dequantize(
     if tuple(scale.shape) != (rows, n_groups):
         raise QuantError(f"scale shape {tuple(scale.shape)} != expected {(rows, n_groups)}")
     s = scale.to(torch.float32).unsqueeze(2)
-    w = _grouped(q2.to(torch.float32), g, n_groups) * s
+    x = _grouped(q2.to(torch.float32), g, n_groups)
+    if zero is not None:
+        if bits not in (2, 3, 4):
+            raise SchemeError(f"dequantize with zero points needs bits 2, 3 or 4, got {bits!r}")
+        if tuple(zero.shape) != (rows, n_groups):
+            raise QuantError(f"zero shape {tuple(zero.shape)} != expected {(rows, n_groups)}")
+        x = x + (float(1 << (bits - 1)) - zero.to(torch.float32).unsqueeze(2))
+    w = x * s
     w = w.reshape(rows, n_groups * g)[:, :cols]
     return w.reshape(q.shape).to(dtype)
 
@@ -378,7 +462,7 @@ _FP8_TABLE = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.flo
 def _fast_ok(w2: torch.Tensor, scheme: Scheme) -> bool:
     rows, cols = w2.shape
     g = scheme.group_size
-    return (w2.dtype in _FAST_DTYPES and w2.device.type == "cpu" and rows > 0 and cols > 0
+    return (not scheme.zero_point and w2.dtype in _FAST_DTYPES and w2.device.type == "cpu" and rows > 0 and cols > 0
             and (g is None or cols % g == 0))
 
 
@@ -445,6 +529,7 @@ class QTensor:
     qdata: 1-D uint8, the packed stream of ``numel`` values (docs/packed-format.md).
     scale: ``[rows, n_groups]`` in ``scheme.scale_dtype``.
     shape / dtype: the original tensor's shape and dtype.
+    zero: the zero points (``scale``'s shape and dtype) of a ``zero_point`` scheme, else None.
     """
 
     qdata: torch.Tensor
@@ -453,6 +538,7 @@ class QTensor:
     shape: tuple
     dtype: torch.dtype
     name: Optional[str] = None
+    zero: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(d) for d in self.shape)
@@ -469,6 +555,13 @@ class QTensor:
             raise QuantError(f"scale shape {tuple(self.scale.shape)} != expected {self.scale_shape}")
         if self.scale.dtype != self.scheme.torch_scale_dtype:
             raise QuantError(f"scale dtype {self.scale.dtype} != scheme's {self.scheme.scale_dtype}")
+        if self.scheme.zero_point != (self.zero is not None):
+            raise QuantError(f"scheme {self.scheme.name} {'needs' if self.scheme.zero_point else 'has no'} zero "
+                             f"points, got {'none' if self.zero is None else 'a zero tensor'}")
+        if self.zero is not None and (tuple(self.zero.shape) != self.scale_shape
+                                      or self.zero.dtype != self.scale.dtype):
+            raise QuantError(f"zero {self.zero.dtype} {tuple(self.zero.shape)} != the scale's "
+                             f"{self.scale.dtype} {self.scale_shape}")
 
     @property
     def rows(self) -> int:
@@ -500,8 +593,9 @@ class QTensor:
         return 0 if g is None else self.n_groups * g - self.cols
 
     def nbytes(self) -> int:
-        """Bytes held: packed data + scales."""
-        return self.qdata.numel() + self.scale.numel() * self.scale.element_size()
+        """Bytes held: packed data + scales (+ zero points)."""
+        z = 0 if self.zero is None else self.zero.numel() * self.zero.element_size()
+        return self.qdata.numel() + self.scale.numel() * self.scale.element_size() + z
 
     def unpack(self) -> torch.Tensor:
         """The quantized values (int8 or float8_e4m3fn) in ``[rows, cols]`` shape."""
@@ -509,7 +603,8 @@ class QTensor:
         return q.view(self.rows, self.cols)
 
     def to(self, device) -> "QTensor":
-        return QTensor(self.qdata.to(device), self.scale.to(device), self.scheme, self.shape, self.dtype, self.name)
+        return QTensor(self.qdata.to(device), self.scale.to(device), self.scheme, self.shape, self.dtype, self.name,
+                       None if self.zero is None else self.zero.to(device))
 
 
 def quantize_tensor(
@@ -539,8 +634,26 @@ def quantize_tensor(
         if qt is not None:
             return qt
     bits = scheme.pack_bits
-    scale = choose_qparams(w, bits, scheme.group_size, scheme.scale_dtype, name=name)
-    w2 = _as_2d(w)
+    if scheme.zero_point:
+        scale, zero = choose_qparams_affine(w, bits, scheme.group_size, scheme.scale_dtype, name=name)
+    else:
+        scale, zero = choose_qparams(w, bits, scheme.group_size, scheme.scale_dtype, name=name), None
+    return pack_qtensor(name, w, scale, zero, scheme, chunk_elems=chunk_elems)
+
+
+def pack_qtensor(
+    name: str,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: Optional[torch.Tensor],
+    scheme: Scheme,
+    *,
+    chunk_elems: int = 1 << 24,
+) -> QTensor:
+    """Quantize ``w`` with given qparams (``scale``, and ``zero`` for a zero-point scheme, both in the
+    scheme's scale dtype) and pack it: the last step of every quantizer, RTN or calibrated."""
+    bits = scheme.pack_bits
+    w2 = _as_2d(w.detach())
     rows, cols = w2.shape
     vpu = _pack.values_per_unit(bits)
     # Chunks of a multiple of `vpu` rows hold a whole number of packing units, so their
@@ -548,10 +661,11 @@ def quantize_tensor(
     step = max(vpu, (max(1, chunk_elems // max(cols, 1)) // vpu) * vpu)
     parts = []
     for r0 in range(0, rows, step):
-        q = quantize(w2[r0 : r0 + step], scale[r0 : r0 + step], bits, scheme.group_size)
+        zb = None if zero is None else zero[r0 : r0 + step]
+        q = quantize(w2[r0 : r0 + step], scale[r0 : r0 + step], bits, scheme.group_size, zb)
         parts.append(_pack.pack(q, bits, check=False))
     qdata = parts[0] if len(parts) == 1 else torch.cat(parts)
-    return QTensor(qdata, scale, scheme, tuple(w.shape), w.dtype, name)
+    return QTensor(qdata, scale, scheme, tuple(w.shape), w.dtype, name, zero)
 
 
 def _quantize_tensor_fast(name: str, w: torch.Tensor, w2: torch.Tensor, scheme: Scheme) -> Optional[QTensor]:
@@ -580,7 +694,7 @@ def dequantize_tensor(qt: QTensor, dtype: Optional[torch.dtype] = None) -> torch
     The math is float32 (``q.float() * scale.float()``); pass ``dtype=torch.float32`` to get
     the unrounded result.
     """
-    w = dequantize(qt.unpack(), qt.scale, qt.scheme.group_size, dtype or qt.dtype)
+    w = dequantize(qt.unpack(), qt.scale, qt.scheme.group_size, dtype or qt.dtype, qt.zero, qt.scheme.bits)
     return w.reshape(qt.shape)
 
 
@@ -603,6 +717,7 @@ def describe(qt: QTensor) -> dict:
         "group_size": s.group_size,
         "scale_dtype": s.scale_dtype,
         "scheme": s.name,
+        "zero_point": s.zero_point,
         "encoding": encoding,
         "shape": list(qt.shape),
         "dtype": _DTYPE_NAMES.get(qt.dtype, str(qt.dtype).replace("torch.", "")),
@@ -616,19 +731,24 @@ def describe(qt: QTensor) -> dict:
 
 
 def from_description(
-    desc: dict, qdata: torch.Tensor, scale: torch.Tensor, name: Optional[str] = None
+    desc: dict, qdata: torch.Tensor, scale: torch.Tensor, name: Optional[str] = None,
+    zero: Optional[torch.Tensor] = None,
 ) -> QTensor:
-    """Rebuild a :class:`QTensor` from :func:`describe`'s dict and the two stored tensors.
+    """Rebuild a :class:`QTensor` from :func:`describe`'s dict and the stored tensors (``zero`` for a
+    zero-point scheme).
 
-    Checks the format version, the scheme, and that the tensors match the description.
+    Checks the format version (1 or 2), the scheme, and that the tensors match the description.
     """
     if not isinstance(desc, dict):
         raise SchemeError(f"description must be a dict, got {type(desc).__name__}")
     where = f"{name}: " if name else ""
     version = desc.get("format_version")
-    if version != FORMAT_VERSION:
-        raise SchemeError(f"{where}unsupported format_version {version!r} (this reader: {FORMAT_VERSION})")
-    scheme = Scheme.from_dict({k: desc[k] for k in ("method", "bits", "group_size", "scale_dtype") if k in desc})
+    if version not in READ_VERSIONS:
+        raise SchemeError(f"{where}unsupported format_version {version!r} (this reader: {READ_VERSIONS})")
+    if version == 1 and desc.get("zero_point"):
+        raise SchemeError(f"{where}format_version 1 has no zero points")
+    keys = ("method", "bits", "group_size", "scale_dtype", "zero_point")
+    scheme = Scheme.from_dict({k: desc[k] for k in keys if k in desc})
     dtype_name = desc.get("dtype")
     dtype = getattr(torch, dtype_name, None) if isinstance(dtype_name, str) else None
     if not isinstance(dtype, torch.dtype):
@@ -637,7 +757,7 @@ def from_description(
     if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise SchemeError(f"{where}bad shape {shape!r}")
     try:
-        qt = QTensor(qdata.reshape(-1), scale, scheme, tuple(shape), dtype, name)
+        qt = QTensor(qdata.reshape(-1), scale, scheme, tuple(shape), dtype, name, zero)
     except QuantError as e:
         raise QuantError(f"{where}{e}") from None
     for key in ("rows", "cols", "n_groups", "group_padding", "qdata_nbytes"):
