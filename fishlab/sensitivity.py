@@ -22,6 +22,8 @@ from pathlib import Path
 from .manifest import PROJECTIONS, linear_targets
 
 FORMAT = "fishlab sensitivity v1"
+ROUTE = ("dense: each group's packed linears dequantized once into float32 nn.Linears (the packed values; the "
+         "weight-only kernels are built for decode and are many times slower on these prefill-shaped matmuls)")
 
 
 def _projection(s) -> str:
@@ -67,28 +69,32 @@ def measure(base, quantized: dict[str, str | Path], phases: dict, tokens, contex
     made by `quantize_checkpoint` from the base's checkpoint), `phases` = {phase name: Phase}. The base model
     (loaded, float32 for a clean comparison) stays resident; each group's linears are read from each checkpoint
     in turn. Returns the sensitivity data (FORMAT): groups, precisions and one row per (group, precision)."""
-    from .fidelity import kl_by_layer_group_from_checkpoint, model_outputs
+    from .fidelity import compare_outputs, model_outputs, quantized_linears_from_checkpoint, swapped_linears
+    from .trained_track import dense_for_eval
     if base_out is None:
         base_out = model_outputs(base, tokens, context)
-    spec = [(g["name"], g["linears"]) for g in groups]       # exact linear names (fidelity._in_group)
     rows, t0 = [], time.perf_counter()
     for pname, qdir in quantized.items():
         if progress:
             progress(f"sensitivity: {len(groups)} groups at {pname}")
-        got = kl_by_layer_group_from_checkpoint(base, qdir, tokens, context, spec, base_out=base_out)
-        missing = {g["name"] for g in groups} - {r["group"] for r in got}
-        if missing:
-            raise ValueError(f"{qdir}: phase {pname} does not quantize the linears of groups {sorted(missing)[:5]} "
-                             f"(a sensitivity phase must cover every group's linears)")
-        for r in got:
-            rows.append({"group": r["group"], "precision": pname, "n_linears": r["n_linears"],
+        for g in groups:
+            try:
+                donor = quantized_linears_from_checkpoint(qdir, g["linears"], base.device, base.dtype)
+            except ValueError as e:
+                raise ValueError(f"phase {pname} cannot stand for group {g['name']!r}: {e} (a sensitivity phase "
+                                 f"must quantize every group's linears)") from None
+            dense_for_eval(donor)                  # ROUTE: the packed values, as dense float32 weights
+            with swapped_linears(base, donor, g["linears"]):
+                r = compare_outputs(base_out, model_outputs(base, tokens, context))
+            del donor
+            rows.append({"group": g["name"], "precision": pname, "n_linears": len(g["linears"]),
                          **{k: r[k] for k in ("slow_kl_mean", "slow_kl_p99", "slow_top1", "slow_ln_ppl_ratio",
                                               "fast_kl_mean") if k in r}})
     return {"format": FORMAT, "model": base.cfg.name if hasattr(base.cfg, "name") else type(base).__name__,
             "tokens": {"chunks": int(tokens.size(0)), "ctx": int(tokens.size(1)), "context": int(context),
                        "scored": int(base_out.slow_logp.size(0)), "text": text},
             "groups": groups, "precisions": {n: phases[n].to_dict() for n in quantized},
-            "rows": rows, "seconds": time.perf_counter() - t0}
+            "rows": rows, "route": ROUTE, "seconds": time.perf_counter() - t0}
 
 
 def delta_kl(row: dict) -> float:
@@ -122,3 +128,47 @@ def heatmap_rows(data: dict, precision: str) -> list[dict]:
             out.append({"component": g["component"], "layer": layer, "projection": g["projection"],
                         "delta_kl": t[g["name"]][precision]})
     return out
+
+
+def calibration_tokens(base, ckpt: str | Path, chunks: int = 1, ctx: int = 512, frames: int = 32):
+    """The token matrix sensitivity is measured on, from calibration text (disjoint from the evaluation text):
+    a text LM gets `chunks` chunks of `ctx` tokens of it (the first half of each is context); S2 Pro gets one
+    TTS prompt of its first sentences followed by `frames` frames the base model generates for it (sampled with
+    the API defaults, seed 0: the base model's own teacher-forced run). Returns (tokens, context, text info)."""
+    from . import textdata
+    from .fidelity import _is_text_lm, reference_tokens
+    if _is_text_lm(base):
+        from tokenizers import Tokenizer
+        from . import spec
+        tok = Tokenizer.from_file(str(Path(ckpt) / spec.TOKENIZER_FILE))
+        cfg = base.cfg
+        ids = tok.encode(textdata.text("calibration")).ids
+        tokens = textdata.token_chunks(ids, chunks, ctx, cfg.bos_token_id if cfg.add_bos_token else None)
+        return tokens, ctx // 2, textdata.text_info("calibration")
+    from .prompt import build_tts_prompt
+    from .tokenizer import load_tokenizer
+    text = " ".join(textdata.text("calibration").split()[:24])
+    prompt = build_tts_prompt(load_tokenizer(ckpt), text, base.cfg.num_codebooks, base.cfg.semantic_begin_id)
+    tokens, P = reference_tokens(base, prompt, frames, seed=0)
+    return tokens, P, dict(textdata.text_info("calibration"), prompt=text, frames=frames)
+
+
+def from_checkpoint(ckpt: str | Path, phases: list, work_dir: str | Path, layers_per_group: int = 5,
+                    target: str = "slow", chunks: int = 1, ctx: int = 512, frames: int = 32, progress=None) -> dict:
+    """Sensitivity of any checkpoint (the trained proxy, the synthetic demo, a real S2 Pro): each phase is
+    quantized into work_dir (or an earlier complete output reused, `workbook.run_phase`), the base is loaded
+    alone in float32 and each group's linears are swapped in from each quantized checkpoint in turn."""
+    import torch
+
+    from .model.load import load_transformer
+    from .workbook import run_phase
+    quantized = {}
+    for ph in phases:
+        if progress:
+            progress(f"sensitivity: quantize {ph.name}")
+        quantized[ph.name] = run_phase(Path(ckpt), ph, work_dir)["path"]
+    base = load_transformer(ckpt, dtype=torch.float32)
+    tokens, context, text = calibration_tokens(base, ckpt, chunks, ctx, frames)
+    data = measure(base, quantized, {p.name: p for p in phases}, tokens, context,
+                   linear_groups(base.cfg, layers_per_group, target), text=text, progress=progress)
+    return dict(data, checkpoint=str(Path(ckpt).resolve()), layers_per_group=layers_per_group, target=target)

@@ -171,3 +171,21 @@ def test_allocation_from_measured_sensitivity_avoids_the_damaged_layer(measured)
     a = A.allocate(data, cfg, budget_bits=4.4, candidates=["damaged"])        # the damaged scheme or bf16
     assert a.choice["layers 10-19 w2"] == "bf16"                              # the money goes where it hurts
     assert json.loads(json.dumps(a.choice)) == a.choice
+
+
+def test_allocate_cli_writes_the_phase_file_and_says_what_is_wrong(smol, tmp_path, capsys):
+    from fishlab.cli import main
+    cfg = load_config(smol)
+    phases = {n: load_phase(n) for n in ("1b", "2c")}
+    n = len(S.linear_groups(cfg, 10))
+    data = dict(_fake(cfg, {"1b": [1e-3] * n, "2c": [1e-2] * (n - 1) + [1e-4]}, phases), checkpoint=str(smol))
+    (tmp_path / "s.json").write_text(json.dumps(data))
+    out = tmp_path / "mix.yaml"
+    assert main(["allocate", "--sensitivity", str(tmp_path / "s.json"), "--budget-phase", "1b", "--name", "mix",
+                 "--out", str(out)]) == 0
+    ph = load_phase(out)
+    assert ph.tensor_phase("layers.29.feed_forward.w3", True).bits == 3      # the cheap group goes to INT3
+    assert "predicted KL" in capsys.readouterr().out
+    assert main(["allocate", "--sensitivity", str(tmp_path / "s.json"), "--budget-bits", "1", "--name", "x",
+                 "--out", str(tmp_path / "x.yaml")]) == 2
+    assert "too small" in capsys.readouterr().err and not (tmp_path / "x.yaml").exists()
