@@ -572,8 +572,10 @@ def quantized_linears_from_checkpoint(qdir: str | Path, names: Sequence[str], de
         hf = by_internal.get(name)
         if hf is None:
             raise ValueError(f"{qdir}: linear {name!r} is not quantized in this checkpoint")
-        qt = from_description(q["tensors"][hf], read_tensor(infos[hf + ".qdata"]), read_tensor(infos[hf + ".scale"]),
-                              hf).to(device)
+        desc = q["tensors"][hf]
+        zero = read_tensor(infos[hf + ".zero"]) if desc.get("zero_point") else None
+        qt = from_description(desc, read_tensor(infos[hf + ".qdata"]), read_tensor(infos[hf + ".scale"]), hf,
+                              zero).to(device)
         parent = root
         for part in name.split(".")[:-1]:
             if not hasattr(parent, part):

@@ -28,13 +28,21 @@ def n_groups(cols: int, group_size: int | None) -> int:
     return 1 if group_size is None else math.ceil(cols / group_size)
 
 
-def quantized_nbytes(shape: tuple, method: str, bits: int, group_size: int | None, scale_dtype: str) -> dict:
+def quantized_nbytes(shape: tuple, method: str, bits: int, group_size: int | None, scale_dtype: str,
+                     zero_point: bool = False) -> dict:
     """{'data': ..., 'scales': ...} bytes of one 2-D weight [rows, cols] in fishlab's packed format: one dense
-    stream of rows*cols values, a last partial group implied but not stored (docs/packed-format.md)."""
+    stream of rows*cols values, a last partial group implied but not stored (docs/packed-format.md). 'scales'
+    counts the per-group qparams: the scales, and the zero points (same shape and dtype) of a zero-point scheme."""
     rows, cols = shape
     groups = n_groups(cols, group_size)
     data = packed_nbytes(rows * cols, "fp8" if method == "fp8" else bits)
-    return {"data": data, "scales": rows * groups * spec.DTYPE_BYTES[scale_dtype]}
+    return {"data": data, "scales": (2 if zero_point else 1) * rows * groups * spec.DTYPE_BYTES[scale_dtype]}
+
+
+def linear_name(s: TensorSpec) -> str:
+    """The internal module name of a linear weight's spec (`layers.3.feed_forward.w2`): what phase overrides
+    match on."""
+    return s.internal.removesuffix(".weight")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -97,13 +105,19 @@ def estimate(cfg: ModelConfig, name: str, rule: Callable[[TensorSpec], dict | No
 
 def phase_rule(cfg: ModelConfig, phase: Phase, scale_dtype: str | None = None,
                target: str | None = None) -> Callable[[TensorSpec], dict | None]:
+    """Bytes of each tensor under `phase`, tensor by tensor as quantize_checkpoint decides it
+    (`Phase.tensor_phase`: the first matching override, else the phase on its target). `scale_dtype` /
+    `target` replace the phase's own (for the size hypotheses)."""
     names = {s.name for s in linear_targets(cfg.transformer, target or phase.target)}
-    sd = scale_dtype or phase.scale_dtype
 
     def rule(s: TensorSpec):
-        if s.name not in names:
+        if s.kind != "linear":
             return None
-        return quantized_nbytes(s.shape, phase.method, phase.bits, phase.group_size, sd)
+        tp = phase.tensor_phase(linear_name(s), s.name in names)
+        if tp is None:
+            return None
+        return quantized_nbytes(s.shape, tp.method, tp.bits, tp.group_size, scale_dtype or tp.scale_dtype,
+                                tp.zero_point)
     return rule
 
 

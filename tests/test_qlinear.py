@@ -32,6 +32,8 @@ SCHEMES = [
     Scheme("int", 4, 128, "bfloat16"),
     Scheme("int", 4, 64),
     Scheme("int", 8, None, "float16"),
+    Scheme("int", 4, 128, zero_point=True),            # zero points: int4_mm with the ops' own zeros
+    Scheme("int", 2, 64, "bfloat16", zero_point=True),  # zero points: dense
 ]
 ACT_DTYPES = [torch.float32, torch.bfloat16]
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=5e-2)}
@@ -107,8 +109,8 @@ def test_tinygemm_input_format():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("scheme", [INT8_ROW, INT4_G128, Scheme("int", 4, 64), FP8_ROW, INT3_G128],
-                         ids=lambda s: s.name)
+@pytest.mark.parametrize("scheme", [INT8_ROW, INT4_G128, Scheme("int", 4, 64), FP8_ROW, INT3_G128,
+                                    Scheme("int", 4, 128, zero_point=True)], ids=lambda s: s.name)
 def test_prepared_route_equals_dequantized_on_device(device, scheme):
     """The route picked for bf16 on `device` vs F.linear with the dequantized weight: within bf16 noise for the
     weight-only kernels, within the activation-quantization error for fp8_scaled_mm (W8A8)."""
@@ -193,7 +195,8 @@ def test_memory_is_what_the_route_holds(scheme):
         extra = 256 * 2 if route == "int8_mm" else 256 * (1024 // scheme.group_size) * 2 * 2
         assert m.nbytes() == qt.nbytes() + extra and m.w_dense is None
         if scheme.bits == 4:
-            assert m.nbytes() < (4 + 64 / scheme.group_size) / 16 * bf16_bytes + 1   # 4 bits + scale + kscale
+            qparam_bits = 96 if scheme.zero_point else 64       # scale (+ zero) + kscale, per group
+            assert m.nbytes() < (4 + qparam_bits / scheme.group_size) / 16 * bf16_bytes + 1
     assert route == ("int8_mm" if scheme in (INT8_ROW, Scheme("int", 8, None, "float16")) else
                      "int4_mm" if scheme.bits == 4 else "dense")
 

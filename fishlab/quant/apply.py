@@ -8,8 +8,13 @@ temporary name and renamed into place only when complete; the input is only ever
 Output layout = input layout: config.json (unchanged), the same number of safetensors shards + index,
 tokenizer and codec files copied, plus `quantization.json` (format version, phase, per-tensor descriptions,
 measured and predicted sizes) and `quantization_metrics.json` (per-tensor weight error). Quantized weights
-`X.weight` become `X.weight.qdata` + `X.weight.scale` (docs/packed-format.md); their descriptions are also in
-every shard's safetensors metadata under "quantization".
+`X.weight` become `X.weight.qdata` + `X.weight.scale` (+ `X.weight.zero` for a zero-point scheme;
+docs/packed-format.md); their descriptions are also in every shard's safetensors metadata under "quantization".
+
+Each linear is decided on its own (`tensor_plan`: a phase's `overrides` give mixed precision): kept as stored, or
+quantized under its own scheme by its own quantizer (fishlab.quant.methods); the description of every tensor
+records its scheme and its quantizer with the settings used. A calibrated quantizer (GPTQ) first runs
+fishlab.calibration over the checkpoint (block by block), then the stream writes its results.
 
 Memory and speed (measured at full S2 Pro size in benchmarks/README.md): tensors are read with plain file reads
 into a fresh tensor (no mmap, so no file pages are counted in the process RSS), and quantized and measured in
@@ -44,9 +49,10 @@ from ..io import atomic_dir, remove_stale_partials, write_json_atomic
 from ..manifest import TensorSpec, linear_targets, transformer_manifest
 from ..metrics import histc_counts, summarize, weight_error
 from ..phases import Phase
-from ..sizes import phase_estimate
+from ..sizes import linear_name, phase_estimate
+from . import methods
 from .pack import bytes_per_unit, packed_nbytes, values_per_unit
-from .primitives import (_WS, FORMAT_VERSION, NonFiniteWeightError, QTensor, QuantError, Scheme, _dequantize_rows_,
+from .primitives import (_WS, FORMAT_VERSION, READ_VERSIONS, NonFiniteWeightError, QTensor, QuantError, Scheme, _dequantize_rows_,
                          _fast_ok, _quantize_rows_into, choose_qparams, dequantize_tensor, describe,
                          from_description, quantize_tensor)
 
@@ -68,7 +74,20 @@ class QuantizeError(RuntimeError):
 
 
 def scheme_of(phase: Phase) -> Scheme:
-    return Scheme(phase.method, phase.bits, phase.group_size, phase.scale_dtype)
+    return Scheme(phase.method, phase.bits, phase.group_size, phase.scale_dtype, phase.zero_point)
+
+
+def tensor_plan(cfg_t, phase: Phase) -> dict[str, Phase]:
+    """{HF name: the phase that quantizes it} for every linear `phase` quantizes (its per-tensor overrides
+    applied, `Phase.tensor_phase`); linears absent are stored as they are."""
+    targets = {s.name for s in linear_targets(cfg_t, phase.target)}
+    out = {}
+    for s in transformer_manifest(cfg_t):
+        if s.kind == "linear":
+            tp = phase.tensor_phase(linear_name(s), s.name in targets)
+            if tp is not None:
+                out[s.name] = tp
+    return out
 
 
 def _n_shards(ckpt_dir: Path) -> int:
@@ -300,7 +319,7 @@ def quantize_blocked(name: str, w: torch.Tensor, scheme: Scheme, with_metrics: b
     vpu = values_per_unit(scheme.pack_bits)
     step = max(vpu, (max(1, chunk_elems // max(cols, 1)) // vpu) * vpu)
     acc = _ErrorAccumulator(rows * cols) if with_metrics else None
-    qparts, sparts = [], []
+    qparts, sparts, zparts = [], [], []
     for r0 in range(0, rows, step):
         block = w2[r0:r0 + step]
         try:
@@ -310,11 +329,13 @@ def quantize_blocked(name: str, w: torch.Tensor, scheme: Scheme, with_metrics: b
             raise
         qparts.append(qb.qdata)
         sparts.append(qb.scale)
+        zparts.append(qb.zero)
         if acc is not None:
             acc.add(block, dequantize_tensor(qb, torch.float32))
     qdata = qparts[0] if len(qparts) == 1 else torch.cat(qparts)
     scale = sparts[0] if len(sparts) == 1 else torch.cat(sparts)
-    qt = QTensor(qdata, scale, scheme, tuple(w.shape), w.dtype, name)
+    zero = None if not scheme.zero_point else (zparts[0] if len(zparts) == 1 else torch.cat(zparts))
+    qt = QTensor(qdata, scale, scheme, tuple(w.shape), w.dtype, name, zero)
     return qt, (acc.result(scale) if acc is not None else None)
 
 
@@ -329,9 +350,13 @@ class _Pending:
     reader: _ReadAhead
     worker: _MetricsWorker | None = None
     device: torch.device | None = None
+    phase: Phase | None = None              # the tensor's own phase (its quantizer); None = rtn
+    precomputed: QTensor | None = None      # a calibrated quantizer's result (fishlab.calibration)
     qt: QTensor | None = None
 
     def qdata(self) -> torch.Tensor:
+        if self.precomputed is not None or (self.phase is not None and self.phase.quantizer != "rtn"):
+            return self._qdata_method()
         if self.device is not None:
             return self._qdata_on_device()
         if self.with_metrics and self.worker is not None:
@@ -345,6 +370,29 @@ class _Pending:
             m.update(component=self.spec_.component, projection=self.spec_.projection, layer=self.spec_.layer,
                      group=self.spec_.group, shape=list(self.spec_.shape))
             self.metrics[self.info.name] = m
+        return self.qt.qdata
+
+    def _record(self, m: dict) -> None:
+        m.update(component=self.spec_.component, projection=self.spec_.projection, layer=self.spec_.layer,
+                 group=self.spec_.group, shape=list(self.spec_.shape))
+        self.metrics[self.info.name] = m
+
+    def _qdata_method(self) -> torch.Tensor:
+        """A quantizer other than rtn (fishlab.quant.methods): the whole tensor in float32, on the device
+        when one is given; or the QTensor calibration already made."""
+        w = self.reader.read(self.info)
+        qt = self.precomputed
+        if qt is None:
+            try:
+                qt = methods.quantize_weight(self.info.name, w.to(self.device or "cpu"), self.scheme,
+                                             self.phase.quantizer, self.phase.quantizer_args)
+            except QuantError as e:
+                raise QuantizeError(f"{e}; nothing was written") from e
+        self.precomputed = None
+        if self.with_metrics:
+            qd = qt.to(w.device)
+            self._record(weight_error(w, dequantize_tensor(qd, torch.float32), qd.scale))
+        self.qt = qt.to("cpu")
         return self.qt.qdata
 
     def _qdata_on_device(self) -> torch.Tensor:
@@ -380,10 +428,18 @@ class _Pending:
         self.metrics[self.info.name] = m
 
     def scale(self) -> torch.Tensor:
-        qt, self.qt = self.qt, None
+        qt = self.qt
         if qt is None:
             raise QuantizeError(f"{self.info.name}: scale requested before its packed data")
+        if qt.zero is None:
+            self.qt = None
         return qt.scale
+
+    def zero(self) -> torch.Tensor:
+        qt, self.qt = self.qt, None
+        if qt is None or qt.zero is None:
+            raise QuantizeError(f"{self.info.name}: zero points requested before its packed data and scale")
+        return qt.zero
 
 
 def _existing_parent(p: Path) -> Path:
@@ -411,7 +467,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, phase: Phase, overwrit
         raise QuantizeError(f"{src}: not a plain float checkpoint (is it already quantized?)")
     cfg = load_config(src)
     scheme = scheme_of(phase)
-    targets = {s.name for s in linear_targets(cfg_t, phase.target)}
+    per_tensor = tensor_plan(cfg_t, phase)
     specs = transformer_manifest(cfg_t)
 
     predicted = predicted_bytes(cfg, phase, src, infos)
@@ -424,21 +480,33 @@ def quantize_checkpoint(src: str | Path, out: str | Path, phase: Phase, overwrit
     metrics: dict[str, dict] = {}
     plan: list[OutTensor] = []
     descriptions: dict[str, dict] = {}
-    reader = _ReadAhead([infos[s.name] for s in specs])     # the order write_sharded reads them in
     device = None if device is None else torch.device(device)
+    calibrated: dict[str, QTensor] = {}
+    calibration_info = None
+    if any(tp.calibrated for tp in per_tensor.values()):
+        from ..calibration import calibrate_and_quantize
+        calibrated, calibration_info = calibrate_and_quantize(src, per_tensor, device=device, progress=progress)
+    reader = _ReadAhead([infos[s.name] for s in specs])     # the order write_sharded reads them in
     worker = _MetricsWorker(METRICS_THREADS) if with_metrics and METRICS_THREADS and device is None else None
     for s in specs:
         info = infos[s.name]
-        if s.name in targets:
-            p = _Pending(info, s, scheme, metrics, with_metrics, reader, worker, device)
-            desc = _planned_description(s, info, scheme)
+        tp = per_tensor.get(s.name)
+        if tp is not None:
+            ts = scheme_of(tp)
+            p = _Pending(info, s, ts, metrics, with_metrics, reader, worker, device, tp, calibrated.pop(s.name, None))
+            desc = dict(_planned_description(s, info, ts), quantizer=tp.quantizer,
+                        quantizer_args=methods.resolved_args(tp.quantizer, tp.quantizer_args))
             descriptions[s.name] = desc
             plan.append(OutTensor(s.name + ".qdata", (desc["qdata_nbytes"],), "uint8", p.qdata))
-            plan.append(OutTensor(s.name + ".scale", tuple(desc["scale_shape"]), scheme.scale_dtype, p.scale))
+            plan.append(OutTensor(s.name + ".scale", tuple(desc["scale_shape"]), ts.scale_dtype, p.scale))
+            if ts.zero_point:
+                plan.append(OutTensor(s.name + ".zero", tuple(desc["scale_shape"]), ts.scale_dtype, p.zero))
         else:
             plan.append(OutTensor(s.name, info.shape, info.dtype, (lambda info=info: reader.read(info))))
     qmeta = {"format_version": FORMAT_VERSION, "phase": phase.to_dict(), "scheme": scheme.to_dict(),
              "tensors": descriptions}
+    if calibration_info is not None:
+        qmeta["calibration"] = calibration_info
 
     bar = _progress(sum(t.nbytes for t in plan), f"quantize {phase.name}") if progress else None
     t0 = time.perf_counter()
@@ -484,9 +552,9 @@ def _planned_description(s: TensorSpec, info: TensorInfo, scheme: Scheme) -> dic
     """The description a tensor will get, computed before any data is read (the header comes first)."""
     rows, cols = info.shape[0], math.prod(info.shape[1:])
     n_groups = 1 if scheme.group_size is None else -(-cols // scheme.group_size)
-    probe = QTensor(torch.zeros(packed_nbytes(rows * cols, scheme.pack_bits), dtype=torch.uint8),
-                    torch.zeros(rows, n_groups, dtype=scheme.torch_scale_dtype), scheme, tuple(info.shape),
-                    getattr(torch, info.dtype), s.name)
+    scale = torch.zeros(rows, n_groups, dtype=scheme.torch_scale_dtype)
+    probe = QTensor(torch.zeros(packed_nbytes(rows * cols, scheme.pack_bits), dtype=torch.uint8), scale, scheme,
+                    tuple(info.shape), getattr(torch, info.dtype), s.name, scale if scheme.zero_point else None)
     return describe(probe)
 
 
@@ -530,6 +598,9 @@ def expected_quantized_manifest(cfg_t, qinfo: dict) -> list[TensorSpec]:
             out.append(TensorSpec(s.name + ".qdata", (d["qdata_nbytes"],), "uint8", s.component, s.kind, s.group))
             out.append(TensorSpec(s.name + ".scale", tuple(d["scale_shape"]), d["scale_dtype"], s.component,
                                   s.kind, s.group))
+            if d.get("zero_point"):
+                out.append(TensorSpec(s.name + ".zero", tuple(d["scale_shape"]), d["scale_dtype"], s.component,
+                                      s.kind, s.group))
     return out
 
 
@@ -540,9 +611,9 @@ def load_quantized_tensors(ckpt_dir: str | Path) -> tuple[dict[str, QTensor | to
     qinfo = read_quantization(d)
     if qinfo is None:
         raise CheckpointError(f"{d}: no {spec.QUANT_FILE}: not a fishlab quantized checkpoint")
-    if qinfo.get("format_version") != FORMAT_VERSION:
+    if qinfo.get("format_version") not in READ_VERSIONS:
         raise CheckpointError(f"{d / spec.QUANT_FILE}: format_version {qinfo.get('format_version')!r}, "
-                              f"this fishlab reads {FORMAT_VERSION}")
+                              f"this fishlab reads {', '.join(map(str, READ_VERSIONS))}")
     infos, meta = read_headers(d)
     cfg_t = load_config(d).transformer
     compare_to_manifest(infos, expected_quantized_manifest(cfg_t, qinfo), str(d), check_dtype=True)
@@ -551,7 +622,8 @@ def load_quantized_tensors(ckpt_dir: str | Path) -> tuple[dict[str, QTensor | to
     raw = dict(iter_tensors(infos))
     out: dict[str, QTensor | torch.Tensor] = {}
     for name, desc in qinfo["tensors"].items():
-        out[name] = from_description(desc, raw.pop(name + ".qdata"), raw.pop(name + ".scale"), name)
+        out[name] = from_description(desc, raw.pop(name + ".qdata"), raw.pop(name + ".scale"), name,
+                                     raw.pop(name + ".zero") if desc.get("zero_point") else None)
     out.update(raw)
     return out, qinfo
 

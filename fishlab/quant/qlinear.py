@@ -32,7 +32,9 @@ route for bfloat16 activations, and float32 / float16 models take ``dense``.
 
 The kernel's operands are built at prepare time (``kscale``: scales in the activation dtype, or the int4 ops'
 ``scales_and_zeros [K/g, N, 2]`` with zero 0, since our symmetric q in [-7, 7] maps exactly to the ops' u = q + 8
-with ``W' = (u - 8) * scale + zero``). Device-packed INT4 replaces the generic stream (same byte count); it is read
+with ``W' = (u - 8) * scale + zero``). A zero-point INT4 weight (``W' = (u - z) * scale``) takes the same ops
+with the ops' zero ``(8 - z) * scale``, computed in float32 and rounded to the activation dtype (so those routes
+differ from the dequantized weight by that rounding, within the routes' tolerance). Device-packed INT4 replaces the generic stream (same byte count); it is read
 back exactly through the op itself (one-hot activations, see `_int4_values_via_op`) when a generic copy is needed
 (`to_qtensor`, a device move), slow but layout-agnostic and checked by re-packing.
 """
@@ -229,6 +231,7 @@ class QuantizedLinear(nn.Module):
         self._warned = False
         self.register_buffer("qdata", qt.qdata)
         self.register_buffer("scale", qt.scale)
+        self.register_buffer("zero", qt.zero)                     # zero points of a zero-point scheme, else None
         self.register_buffer("kscale", None, persistent=False)
         self.register_buffer("w_dense", None, persistent=False)
         if bias is not None:
@@ -272,7 +275,11 @@ class QuantizedLinear(nn.Module):
             self.qdata = _pack_int4_for_device(q, dev)               # replaces the generic stream
             self.layout = LAYOUT_CPU_INT4PACK if dev.type == "cpu" else LAYOUT_CUDA_INT4PACK
             s = self.scale.to(dtype).t()                              # [K/g, N]
-            self.kscale = torch.stack([s, torch.zeros_like(s)], dim=-1).contiguous()
+            if self.zero is None:
+                z = torch.zeros_like(s)
+            else:                                                     # (u - z) s = (u - 8) s + (8 - z) s
+                z = ((8 - self.zero.float()) * self.scale.float()).to(dtype).t()
+            self.kscale = torch.stack([s, z], dim=-1).contiguous()
         elif route == "fp8_scaled_mm":
             self.kscale = self.scale.to(torch.float32).reshape(1, N)
         elif route == "dense":
@@ -314,11 +321,11 @@ class QuantizedLinear(nn.Module):
         """The weight as a :class:`QTensor` in the generic packed format (for checkpoints)."""
         qdata = self.qdata if self.layout == LAYOUT_GENERIC else _pack.pack(self._q(), 4, check=False)
         return QTensor(qdata, self.scale, self.scheme, (self.out_features, self.in_features), self.weight_dtype,
-                       self.name)
+                       self.name, self.zero)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``W'`` as a fresh ``[out, in]`` tensor (float32 math, cast to ``dtype``)."""
-        return dequantize(self._q(), self.scale, self.scheme.group_size, dtype)
+        return dequantize(self._q(), self.scale, self.scheme.group_size, dtype, self.zero, self.scheme.bits)
 
     def nbytes(self) -> int:
         """Bytes held by this module: packed weight, scales, bias, and the prepared route's operands
@@ -366,9 +373,10 @@ class QuantizedLinear(nn.Module):
         changed = old is not None and (probe.device != self.qdata.device or probe.dtype != old)
         if changed:
             self._unprepare()
-        scale = self.scale
+        scale, zero = self.scale, self.zero
         super()._apply(fn, recurse)
         self.scale = scale.to(self.qdata.device)
+        self.zero = None if zero is None else zero.to(self.qdata.device)
         if changed:
             self.prepare(probe.dtype)
         return self
