@@ -34,7 +34,7 @@ from . import sensitivity as S
 from .config import ModelConfig
 from .manifest import linear_targets
 from .phases import Phase, PhaseError
-from .sizes import GB, bf16_estimate, phase_estimate, quantized_nbytes
+from .sizes import GB, bf16_estimate, linear_name, phase_estimate, quantized_nbytes
 
 KEEP = "bf16"
 METHOD = ("exact multiple-choice knapsack (dynamic programming over the budget in {resolution} units, costs "
@@ -57,7 +57,7 @@ class Allocation:
 
 
 def _specs_by_name(cfg: ModelConfig) -> dict:
-    return {s.internal[: -len(".weight")]: s for s in linear_targets(cfg.transformer, "all")}
+    return {linear_name(s): s for s in linear_targets(cfg.transformer, "all")}
 
 
 def group_bytes(cfg: ModelConfig, group: dict, phase: Phase | None) -> int:
@@ -69,7 +69,8 @@ def group_bytes(cfg: ModelConfig, group: dict, phase: Phase | None) -> int:
         if phase is None:
             total += s.numel * 2
         else:
-            b = quantized_nbytes(s.shape, phase.method, phase.bits, phase.group_size, phase.scale_dtype)
+            b = quantized_nbytes(s.shape, phase.method, phase.bits, phase.group_size, phase.scale_dtype,
+                                 phase.zero_point)
             total += b["data"] + b["scales"]
     return total
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from .manifest import PROJECTIONS, linear_targets
+from .sizes import linear_name
 
 FORMAT = "fishlab sensitivity v1"
 ROUTE = ("dense: each group's packed linears dequantized once into float32 nn.Linears (the packed values; the "
@@ -41,7 +42,7 @@ def linear_groups(cfg, layers_per_group: int = 5, target: str = "slow") -> list[
         raise ValueError(f"layers_per_group must be a positive integer, got {layers_per_group!r}")
     by_key: dict[tuple, list] = {}
     for s in linear_targets(t, target):
-        name = s.internal[: -len(".weight")]
+        name = linear_name(s)
         if s.layer is None:
             by_key.setdefault((s.component, name, None), []).append((s, name))
             continue

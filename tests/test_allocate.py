@@ -189,3 +189,32 @@ def test_allocate_cli_writes_the_phase_file_and_says_what_is_wrong(smol, tmp_pat
     assert main(["allocate", "--sensitivity", str(tmp_path / "s.json"), "--budget-bits", "1", "--name", "x",
                  "--out", str(tmp_path / "x.yaml")]) == 2
     assert "too small" in capsys.readouterr().err and not (tmp_path / "x.yaml").exists()
+
+
+def test_an_allocated_mixed_precision_file_quantizes_reloads_and_is_the_size_it_predicted(smol, tmp_path):
+    from fishlab.quant.apply import load_quantized_tensors
+    cfg = load_config(smol)
+    phases = {n: load_phase(n) for n in ("2b", "1b", "2c")}
+    n = len(S.linear_groups(cfg, 10))
+    kl = {"2b": [1e-5] * n, "1b": [1e-3] * n, "2c": [1e-2] * n}
+    kl["2c"][2:5] = [1e-6] * 3                      # layers 0-9 w1 / w2 / w3 cheap at INT3 ...
+    kl["1b"][1] = kl["2c"][1] = 1.0                 # ... which pays for layers 0-9 wo at INT8
+    data = _fake(cfg, kl, phases)
+    a = A.allocate(data, cfg, budget_phase=phases["1b"])
+    assert set(a.choice.values()) == {"2b", "1b", "2c"} and a.choice["layers 0-9 wo"] == "2b"
+    path = A.write_phase_file(tmp_path / "mix.yaml", A.allocation_phase(data, a, "mix"))
+    ph = load_phase(path)
+    assert phase_estimate(cfg, ph, codec_dtype=None).transformer_bytes == a.transformer_bytes   # one byte count
+    r = quantize_checkpoint(smol, tmp_path / "q", ph, with_metrics=False)
+    tensors, _ = load_quantized_tensors(tmp_path / "q")
+    choice_of = {lin: a.choice[g["name"]] for g in data["groups"] for lin in g["linears"]}
+    for lin, c in choice_of.items():
+        t = tensors[f"text_model.model.{lin}.weight"]
+        if c == "bf16":
+            assert isinstance(t, torch.Tensor) and t.dtype == torch.float32      # kept as stored
+        else:
+            assert (t.scheme.bits, t.scheme.group_size) == (phases[c].bits, phases[c].group_size), lin
+    model = load_transformer(tmp_path / "q", dtype=torch.float32)
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
+    assert torch.isfinite(model(ids).logits).all()
+    assert r["predicted"]["transformer"] > 0
