@@ -92,7 +92,7 @@ def _check_roundtrip(out: Path, source: dict, phase) -> None:
 
 def test_every_phase_input_unchanged_size_predicted_exact_reload(demo, source, tmp_path):
     before = checkpoint_digest(demo)
-    assert sorted(PHASES) == ["1a", "1b", "2a", "2b", "2c", "3a", "3b", "q4_0", "q8_0"]   # the plan + GGUF blocks
+    assert sorted(PHASES) == ["1a", "1b", "2a", "2b", "2c", "3a", "3b", "q4_0", "q8_0", "spare-fast"]   # the plan + GGUF blocks
     for name, phase in PHASES.items():
         out = tmp_path / f"phase-{name}"
         r = quantize_checkpoint(demo, out, phase, with_metrics=(name == "1b"))

@@ -66,7 +66,7 @@ def test_side_files_carry_the_numbers(default_run):
     assert res["pareto_size_vs_weight_error"]
     tm = res["trained_model"]                                   # every phase file ran on the trained proxy
     kl = {r["phase"]: r["kl_mean"] for r in tm["phases"]}
-    assert sorted(kl) == sorted(["1a", "1b", "2a", "2b", "2c", "3a", "3b", "q4_0", "q8_0"])
+    assert sorted(kl) == sorted(["1a", "1b", "2a", "2b", "2c", "3a", "3b", "q4_0", "q8_0", "spare-fast", "mixed-1b"])
     assert kl["q8_0"] < kl["2b"] < kl["q4_0"] < kl["1b"] < kl["2c"] < kl["3a"]
     assert res["phases"]["1b"]["trained"]["kl_mean"] == kl["1b"]
 
