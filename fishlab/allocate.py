@@ -238,3 +238,38 @@ def choice_rows(data: dict, choice: dict) -> list[dict]:
             out.append({"component": g["component"], "layer": layer, "projection": g["projection"], "bits": bits,
                         "precision": c})
     return out
+
+
+def spare_most_sensitive(data: dict, like: Phase, spare: dict[str, int], name: str, precision: str | None = None,
+                         description: str = "") -> dict:
+    """The phase file's keys for "`like`, with the most sensitive linears of some projections kept in bf16"
+    (baicai1145/s2-pro-w4a16 keeps seven w2 and two wo: spare={"w2": 7, "wo": 2}). The linears are ranked by
+    ΔKL at `precision` (default: the last measured one); `data` must be measured one linear per group
+    (layers_per_group=1), so each override names one linear."""
+    prec = precision or list(data["precisions"])[-1]
+    if prec not in data["precisions"]:
+        raise AllocationError(f"precision {prec!r} was not measured; the sensitivity data has {list(data['precisions'])}")
+    wide = [g["name"] for g in data["groups"] if len(g["linears"]) != 1]
+    if wide:
+        raise AllocationError(f"sparing single linears needs sensitivity per linear (layers_per_group 1); groups "
+                              f"such as {wide[0]!r} hold several")
+    by_name = {g["name"]: g for g in data["groups"]}
+    ranked = S.ranking(data, prec)
+    overrides, record = [], {}
+    for proj, n in spare.items():
+        picked = [g for g, _ in ranked if by_name[g]["projection"] == proj][:n]
+        if len(picked) < n:
+            raise AllocationError(f"asked to spare {n} {proj} linears, the sensitivity data has {len(picked)}")
+        record[proj] = [{"linear": by_name[g]["linears"][0], "delta_kl": S.table(data)[g][prec]} for g in picked]
+        overrides += [{"match": by_name[g]["linears"][0], "keep": True} for g in picked]
+    keys = {k: v for k, v in like.to_dict().items()
+            if k in ("method", "bits", "group_size", "target", "scale_dtype", "zero_point", "quantizer",
+                     "quantizer_args") or (k == "calibration" and v)}
+    out = {"phase": name, "description": description or (
+        f"{like.label.split(' ', 1)[1]}, the most sensitive " + " and ".join(f"{n} {p}" for p, n in spare.items())
+        + " kept in bf16"), **keys, "overrides": overrides,
+        "allocation": {"method": f"spare the linears with the largest measured ΔKL at {prec}, per projection",
+                       "spared": record, "like": like.name,
+                       "sensitivity": {"model": data.get("model"), "tokens": data.get("tokens")}}}
+    Phase.from_dict(out, f"phase {name}")
+    return out

@@ -403,6 +403,10 @@ def add_allocate_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--budget-bits", type=_positive_float, metavar="BITS",
                    help="average stored bits per allocated weight (scales included)")
     b.add_argument("--budget-phase", metavar="PHASE", help="the transformer size of this phase (e.g. 1b)")
+    b.add_argument("--spare", nargs="+", metavar="PROJ=N",
+                   help="no budget: --like PHASE with the N most sensitive linears of each projection kept in bf16 "
+                        "(baicai-style: --spare w2=7 wo=2; needs sensitivity with --layers-per-group 1)")
+    p.add_argument("--like", metavar="PHASE", help="with --spare: the phase the rest follows (e.g. a g32 INT4 phase)")
     p.add_argument("--candidates", nargs="+", metavar="PHASE", help="measured precisions allowed (default: all)")
     p.add_argument("--no-bf16", action="store_true", help="never keep a linear in bf16")
     p.add_argument("--checkpoint", metavar="DIR", help="config to size from (default: the one the sensitivity was measured on)")
@@ -415,7 +419,7 @@ def add_allocate_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_allocate(args: argparse.Namespace) -> int:
     import json
 
-    from .allocate import AllocationError, allocate, allocation_phase, write_phase_file
+    from .allocate import AllocationError, allocate, allocation_phase, spare_most_sensitive, write_phase_file
     from .config import load_config
     from .phases import load_phase
 
@@ -423,6 +427,20 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         data = json.loads(Path(args.sensitivity).read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{args.sensitivity}: cannot read sensitivity data ({e})") from None
+    if args.spare:
+        try:
+            spare = {k: int(v) for k, v in (x.split("=", 1) for x in args.spare)}
+        except ValueError:
+            raise UserError(f"--spare takes PROJ=N pairs (e.g. w2=7 wo=2), got {' '.join(args.spare)}") from None
+        if not args.like:
+            raise UserError("--spare needs --like PHASE (the scheme of every other linear)")
+        try:
+            keys = spare_most_sensitive(data, load_phase(args.like, args.params_dir), spare, args.name)
+            write_phase_file(args.out, keys)
+        except (*_user_errors(), AllocationError) as e:
+            raise UserError(str(e)) from None
+        print(f"phase {args.name}: {keys['description']} -> {args.out}")
+        return 0
     try:
         cfg = load_config(args.checkpoint or data.get("checkpoint") or "")
         bp = load_phase(args.budget_phase, args.params_dir) if args.budget_phase else None

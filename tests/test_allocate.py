@@ -218,3 +218,23 @@ def test_an_allocated_mixed_precision_file_quantizes_reloads_and_is_the_size_it_
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314]])
     assert torch.isfinite(model(ids).logits).all()
     assert r["predicted"]["transformer"] > 0
+
+
+def test_spare_the_most_sensitive_w2_and_wo_baicai_style(smol, tmp_path):
+    from fishlab.cli import main
+    cfg = load_config(smol)
+    groups = S.linear_groups(cfg, 1)
+    kl = [0.01 * (1 + (i * 7919) % 97) for i in range(len(groups))]          # a fixed, uneven ranking
+    data = dict(_fake(cfg, {"2c": kl}, {"2c": load_phase("2c")}, 1), checkpoint=str(smol))
+    (tmp_path / "s.json").write_text(json.dumps(data))
+    out = tmp_path / "baicai-style.yaml"
+    assert main(["allocate", "--sensitivity", str(tmp_path / "s.json"), "--spare", "w2=7", "wo=2", "--like", "q4_0",
+                 "--name", "baicai-style", "--out", str(out)]) == 0
+    ph = load_phase(out)
+    assert (ph.bits, ph.group_size, len(ph.overrides)) == (4, 32, 9) and all(o["keep"] for o in ph.overrides)
+    for proj, n in (("w2", 7), ("wo", 2)):
+        ranked = sorted((v, g["linears"][0]) for g, v in zip(groups, kl) if g["projection"] == proj)[::-1]
+        assert sorted(o["match"] for o in ph.overrides if o["match"].endswith(proj)) == sorted(x for _, x in ranked[:n])
+    wide = dict(_fake(cfg, {"2c": [0.1] * 15}, {"2c": load_phase("2c")}, 10))
+    with pytest.raises(A.AllocationError, match="per linear"):
+        A.spare_most_sensitive(wide, load_phase("q4_0"), {"w2": 7}, "x")
