@@ -279,13 +279,14 @@ def run_track(work_dir: str | Path, phases: list[Phase], n_chunks: int = DEFAULT
     if sens and allocation:
         cfg = load_config(track.ckpt)
         name = allocation.get("name", "mixed")
-        budget_phase = by_name.get(allocation.get("budget_phase")) if allocation.get("budget_phase") else None
+        from .phases import load_phase
+        bp = allocation.get("budget_phase")
+        budget_phase = (by_name.get(bp) or load_phase(bp)) if bp else None
         a = A.allocate(sens, cfg, budget_phase=budget_phase, budget_bits=allocation.get("budget_bits"),
                        candidates=allocation.get("candidates"), keep=allocation.get("keep", True))
         keys = A.allocation_phase(sens, a, name, budget={k: allocation[k] for k in ("budget_phase", "budget_bits")
                                                            if allocation.get(k)})
         path = A.write_phase_file(track.work_dir / "trained" / f"{name}.yaml", keys)
-        from .phases import load_phase
         mixed = load_phase(path)
         rows += _evaluate_all(track, [mixed], done, progress, "allocated phase")
         alloc = {"phase_file": str(path), "keys": keys, "choice_rows": A.choice_rows(sens, a.choice),
