@@ -339,7 +339,7 @@ def test_cli_sizes(demo, tmp_path, capsys):
     so = capsys.readouterr().out
     assert "1b INT4 g128 slow" in so and "GGUF Q4_K" in so and "bf16 (as shipped)" in so
     a = json.loads(js.read_text())
-    assert a["model"] == "s2-pro" and len([r for r in a["estimates"] if r["kind"] == "phase"]) == 9
+    assert a["model"] == "s2-pro" and len([r for r in a["estimates"] if r["kind"] == "phase"]) == 10      # the plan, q4_0 / q8_0, spare-fast
     assert main(["sizes", "--checkpoint", str(demo), "--scale-dtype", "float16"]) == 0
     assert "demo" in capsys.readouterr().out
     assert main(["sizes", "--preset", "nope"]) == 2
