@@ -349,6 +349,113 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
+# ----------------------------------------------------------------------------------------------------
+# fishlab sensitivity / fishlab allocate
+# ----------------------------------------------------------------------------------------------------
+
+def add_sensitivity_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory (S2 Pro or a text LM)")
+    g.add_argument("--demo", action="store_true", help="the synthetic S2 Pro demo checkpoint")
+    p.add_argument("--phases", nargs="+", default=["2b", "1b", "2c"], metavar="PHASE",
+                   help="candidate precisions, as phase names or files (default: %(default)s); default checkpoint: "
+                        "the trained proxy model (SmolLM2-135M)")
+    p.add_argument("--layers-per-group", type=int, default=5, metavar="N",
+                   help="consecutive layers per group of one projection (1 = one linear per group; default 5)")
+    p.add_argument("--target", choices=("slow", "all"), default="slow", help="which linears (default: slow)")
+    p.add_argument("--chunks", type=int, default=1, help="text LM: calibration chunks (default 1)")
+    p.add_argument("--ctx", type=int, default=512, help="text LM: tokens per chunk (default 512)")
+    p.add_argument("--frames", type=int, default=32, help="S2 Pro: frames the base generates (default 32)")
+    p.add_argument("--work-dir", metavar="DIR", help="where quantized checkpoints go (default: FISHLAB_CACHE/sensitivity)")
+    p.add_argument("--out", required=True, metavar="FILE", help="sensitivity JSON to write (atomically)")
+    p.add_argument("--params-dir", metavar="DIR", help="where phase names are looked up (default: params/ of the repo)")
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from .demo import cache_dir, demo_checkpoint
+    from .io import write_json_atomic
+    from .phases import load_phase
+    from .sensitivity import from_checkpoint, ranking
+    from .trained import trained_checkpoint
+
+    ckpt = Path(args.checkpoint) if args.checkpoint else demo_checkpoint() if args.demo else trained_checkpoint()
+    if not ckpt.is_dir():
+        raise UserError(f"checkpoint not found: {ckpt}")
+    try:
+        phases = [load_phase(p, args.params_dir) for p in args.phases]
+        data = from_checkpoint(ckpt, phases, Path(args.work_dir) if args.work_dir else cache_dir() / "sensitivity",
+                               args.layers_per_group, args.target, args.chunks, args.ctx, args.frames,
+                               progress=lambda m: print(m, file=sys.stderr))
+    except (*_user_errors(), ValueError) as e:
+        raise UserError(str(e)) from None
+    write_json_atomic(args.out, data)
+    low = phases[-1].name
+    top = ", ".join(f"{g} ({kl:.2e})" for g, kl in ranking(data, low)[:3])
+    print(f"sensitivity of {len(data['groups'])} groups x {len(phases)} precisions of {ckpt} -> {args.out} "
+          f"({data['seconds']:.1f} s); most sensitive at {low}: {top}.")
+    return 0
+
+
+def add_allocate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sensitivity", required=True, metavar="FILE", help="JSON written by fishlab sensitivity")
+    b = p.add_mutually_exclusive_group(required=True)
+    b.add_argument("--budget-gb", type=_positive_float, metavar="GB", help="transformer size in GB (10^9 bytes)")
+    b.add_argument("--budget-bits", type=_positive_float, metavar="BITS",
+                   help="average stored bits per allocated weight (scales included)")
+    b.add_argument("--budget-phase", metavar="PHASE", help="the transformer size of this phase (e.g. 1b)")
+    b.add_argument("--spare", nargs="+", metavar="PROJ=N",
+                   help="no budget: --like PHASE with the N most sensitive linears of each projection kept in bf16 "
+                        "(baicai-style: --spare w2=7 wo=2; needs sensitivity with --layers-per-group 1)")
+    p.add_argument("--like", metavar="PHASE", help="with --spare: the phase the rest follows (e.g. a g32 INT4 phase)")
+    p.add_argument("--candidates", nargs="+", metavar="PHASE", help="measured precisions allowed (default: all)")
+    p.add_argument("--no-bf16", action="store_true", help="never keep a linear in bf16")
+    p.add_argument("--checkpoint", metavar="DIR", help="config to size from (default: the one the sensitivity was measured on)")
+    p.add_argument("--name", required=True, help="the new phase's name")
+    p.add_argument("--target", choices=("slow", "all"), default="slow", help="the phase's target (default: slow)")
+    p.add_argument("--out", required=True, metavar="FILE", help="phase file to write (.yaml), atomically")
+    p.add_argument("--params-dir", metavar="DIR", help="where --budget-phase is looked up (default: params/ of the repo)")
+
+
+def cmd_allocate(args: argparse.Namespace) -> int:
+    import json
+
+    from .allocate import AllocationError, allocate, allocation_phase, spare_most_sensitive, write_phase_file
+    from .config import load_config
+    from .phases import load_phase
+
+    try:
+        data = json.loads(Path(args.sensitivity).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{args.sensitivity}: cannot read sensitivity data ({e})") from None
+    if args.spare:
+        try:
+            spare = {k: int(v) for k, v in (x.split("=", 1) for x in args.spare)}
+        except ValueError:
+            raise UserError(f"--spare takes PROJ=N pairs (e.g. w2=7 wo=2), got {' '.join(args.spare)}") from None
+        if not args.like:
+            raise UserError("--spare needs --like PHASE (the scheme of every other linear)")
+        try:
+            keys = spare_most_sensitive(data, load_phase(args.like, args.params_dir), spare, args.name)
+            write_phase_file(args.out, keys)
+        except (*_user_errors(), AllocationError) as e:
+            raise UserError(str(e)) from None
+        print(f"phase {args.name}: {keys['description']} -> {args.out}")
+        return 0
+    try:
+        cfg = load_config(args.checkpoint or data.get("checkpoint") or "")
+        bp = load_phase(args.budget_phase, args.params_dir) if args.budget_phase else None
+        a = allocate(data, cfg, budget_gb=args.budget_gb, budget_bits=args.budget_bits, budget_phase=bp,
+                     candidates=args.candidates, keep=not args.no_bf16)
+        budget = {k: v for k, v in (("gb", args.budget_gb), ("bits", args.budget_bits), ("phase", args.budget_phase)) if v}
+        keys = allocation_phase(data, a, args.name, args.target, budget=budget)
+        write_phase_file(args.out, keys)
+    except (*_user_errors(), AllocationError) as e:
+        raise UserError(str(e)) from None
+    print(f"phase {args.name}: {len(keys['overrides'])} overrides, {8 * a.linear_bytes / a.params:.3f} bits/weight, "
+          f"transformer {a.transformer_bytes / 1e9:.4f} GB, predicted KL {a.predicted_kl:.4g} -> {args.out}")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "run": (add_run_arguments, cmd_run),
     "status": (add_status_arguments, cmd_status),
@@ -357,6 +464,8 @@ COMMANDS: dict[str, Command] = {
     "tts": (add_tts_arguments, cmd_tts),
     "export-gguf": (add_export_gguf_arguments, cmd_export_gguf),
     "upload": (add_upload_arguments, cmd_upload),
+    "sensitivity": (add_sensitivity_arguments, cmd_sensitivity),
+    "allocate": (add_allocate_arguments, cmd_allocate),
 }
 
 HELP = {
@@ -367,6 +476,8 @@ HELP = {
     "tts": "speak a text (optionally cloning a reference voice) with a checkpoint, optionally quantized first",
     "export-gguf": "write a plain checkpoint as one GGUF file in the layout s2.cpp loads (f16, q8_0, q4_0, ...)",
     "upload": "stage a quantized checkpoint with a model card for the Hugging Face hub (dry run unless --yes)",
+    "sensitivity": "ΔKL of each group of linears (projection x layers) quantized alone, at each candidate precision",
+    "allocate": "choose per-tensor precision within a size budget from measured sensitivity: writes a phase file",
 }
 
 

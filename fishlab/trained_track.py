@@ -9,13 +9,14 @@ agreement, ln(PPL_q / PPL_base)), over chunks of evaluation text (`fishlab.textd
 
     track = TrainedTrack.open(work_dir)             # base model, tokenizer, evaluation chunks, base outputs
     row = track.evaluate(phase)                      # quantize (or reuse), KL, size, weight error, continuation
-    rows = track.sensitivity(phase, n_groups=6)      # one layer group quantized at a time
+    data = run_track(work_dir, phases, methods=..., sensitivity={...}, allocation={...})   # the whole report
     track.bf16_check()                               # how far storing the dequantized model in bf16 is from lossless
 
 Everything runs in float32 on CPU by default (the base model is the exact dequantization of the GGUF).
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,12 +26,13 @@ import torch
 
 from . import textdata
 from .config import load_config
-from .fidelity import ModelOutputs, default_layer_groups, fidelity_report, kl_by_layer_group, model_outputs
+from .fidelity import ModelOutputs, fidelity_report, model_outputs
+from .io import write_json_atomic
 from .manifest import linear_targets
 from .model.load import load_transformer, model_weight_bytes
 from .model.textlm import TextLM, generate_greedy_ids
 from .phases import Phase
-from .sizes import bf16_estimate, phase_estimate, quantized_nbytes
+from .sizes import bf16_estimate, phase_estimate, phase_rule
 
 PROMPTS = ("The capital of France is", "The three primary colors are")
 DEFAULT_CHUNKS = 4          # x DEFAULT_CTX tokens: about 5 s per model on 2 cores (float32)
@@ -38,11 +40,18 @@ DEFAULT_CTX = 512           # llama.cpp's default context for perplexity / KL
 
 
 def linear_bits_per_weight(cfg, phase: Phase) -> float:
-    """Stored bits per weight of the linears a phase quantizes, scales included (the KL-vs-bits x axis)."""
-    specs = linear_targets(cfg.transformer, phase.target)
-    nbytes = sum(sum(quantized_nbytes(s.shape, phase.method, phase.bits, phase.group_size,
-                                      phase.scale_dtype).values()) for s in specs)
-    return 8 * nbytes / sum(s.numel for s in specs)
+    """Stored bits per weight of the linears a phase covers (its target, and any linear an override quantizes),
+    scales and zero points included, a kept linear at bf16's 16 bits (the KL-vs-bits x axis). Byte counts are
+    `sizes.phase_rule`'s, tensor by tensor as quantize_checkpoint decides them."""
+    rule = phase_rule(cfg, phase)
+    target = {s.name for s in linear_targets(cfg.transformer, phase.target)}
+    nbytes = numel = 0
+    for s in linear_targets(cfg.transformer, "all"):
+        b = rule(s)
+        if s.name in target or b is not None:
+            nbytes += s.numel * 2 if b is None else b["data"] + b["scales"]
+            numel += s.numel
+    return 8 * nbytes / numel
 
 
 EVAL_ROUTE = ("dense: packed weights dequantized once at load (float32); teacher-forced evaluation runs "
@@ -122,6 +131,11 @@ class TrainedTrack:
             out[p] = self.tokenizer.decode(new, skip_special_tokens=True)
         return out
 
+    @property
+    def cfg(self):
+        """The proxy checkpoint's ModelConfig (sizes and targets are computed from it)."""
+        return load_config(self.ckpt)
+
     def eval_info(self) -> dict:
         return {"route": EVAL_ROUTE, "chunks": int(self.tokens.size(0)), "ctx": int(self.tokens.size(1)), "context": self.context,
                 "scored_tokens": int(self.base_out.slow_logp.size(0)), "text": textdata.text_info("evaluation"),
@@ -164,16 +178,6 @@ class TrainedTrack:
             "continuations": cont,
         }
 
-    def sensitivity(self, phase: Phase, n_groups: int = 6) -> list[dict]:
-        """Which layers hurt: the base with only one group of layers taken from the phase's quantized model, for
-        n_groups contiguous groups of layers (the phase must have been evaluated or is quantized now)."""
-        from .workbook import run_phase
-        q = dense_for_eval(load_transformer(run_phase(self.ckpt, phase, self.work_dir / "trained")["path"],
-                                            dtype=torch.float32))
-        rows = kl_by_layer_group(self.base, q, self.tokens, self.context,
-                                 default_layer_groups(self.base.cfg, n_groups), base_out=self.base_out)
-        return [dict({k: v for k, v in r.items() if k != "linears"}, phase=phase.name) for r in rows]
-
     def bf16_check(self) -> dict:
         """How far holding the base (the exact float32 dequantization of the GGUF) in bfloat16 is from lossless:
         share of weights bf16 cannot represent exactly, their relative error, and the KL of a model whose weights
@@ -209,34 +213,85 @@ def llamacpp_anchors() -> dict:
 RESULTS_FILE = "trained_model.json"      # run-wide side file, read by the summary
 
 
-def _scheme_key(phase: Phase) -> tuple:
-    return (phase.method, phase.bits, phase.group_size, phase.scale_dtype)
+def _values_key(cfg, phase: Phase) -> tuple:
+    """What decides a phase's stored values on this model: each linear's own scheme as quantize_checkpoint
+    decides it (`Phase.tensor_phase(...).scheme_key()`, None = kept). Phases that differ only where the model has
+    no linear (S2 Pro's fast AR on a text LM: 1b, 2a, spare-fast) get the same key."""
+    from .sizes import linear_name
+    target = {s.name for s in linear_targets(cfg.transformer, phase.target)}
+    out = []
+    for s in linear_targets(cfg.transformer, "all"):
+        tp = phase.tensor_phase(linear_name(s), s.name in target)
+        out.append(None if tp is None else tp.scheme_key())
+    return tuple(out)
+
+
+def _evaluate_all(track: "TrainedTrack", phases: list[Phase], done: dict, progress=None, kind: str = "phase") -> list[dict]:
+    """One row per phase; a phase with the same values as one measured before reuses its row (`same_as`). A
+    phase that cannot be quantized (e.g. a quantizer not available in this build) gets a row with its error,
+    shown in the reports; it is not dropped."""
+    rows = []
+    for ph in phases:
+        if progress:
+            progress(f"trained model: {kind} {ph.name}")
+        key = _values_key(track.cfg, ph)
+        if key in done:
+            row = dict(done[key], phase=ph.to_dict(), label=ph.label, same_as=done[key]["phase"]["name"])
+            track.continuations[ph.name] = row.get("continuations", {})
+        else:
+            try:
+                row = track.evaluate(ph)
+            except Exception as e:          # noqa: BLE001 - recorded in the row and the report, never hidden
+                row = {"phase": ph.to_dict(), "label": ph.label, "error": f"{type(e).__name__}: {e}"}
+            done[key] = row
+        rows.append(row)
+    return rows
 
 
 def run_track(work_dir: str | Path, phases: list[Phase], n_chunks: int = DEFAULT_CHUNKS, ctx: int = DEFAULT_CTX,
-              sensitivity_phase: str | None = "1b", sensitivity_groups: int = 6, bf16: bool = True,
-              ckpt: str | Path | None = None, progress=None) -> dict:
-    """Every phase on the trained proxy (phases whose scheme is the same on a text LM - e.g. 1b and 2a, whose
-    targets differ only on S2 Pro's fast AR - are quantized and measured once), the layer sensitivity of one
-    phase, and the bf16 check. Returns the data of trained_model.json."""
+              sensitivity: dict | None = None, allocation: dict | None = None, methods: list[Phase] = (),
+              bf16: bool = True, ckpt: str | Path | None = None, progress=None) -> dict:
+    """Every phase on the trained proxy (phases whose values are the same on a text LM - e.g. 1b and 2a, whose
+    targets differ only on S2 Pro's fast AR - are quantized and measured once), the per-method comparison
+    (`methods`: more phases, rows marked as such), the sensitivity of groups of linears on calibration text
+    (`sensitivity`: {phases: [names among phases/methods], layers_per_group, chunks, ctx}), a mixed-precision
+    phase allocated from it and measured like any phase (`allocation`: {budget_phase | budget_bits, name,
+    candidates}), and the bf16 check. Returns the data of trained_model.json."""
+    from . import allocate as A
+    from . import sensitivity as S
     track = TrainedTrack.open(work_dir, ckpt, n_chunks, ctx)
-    rows, done = [], {}
-    for ph in phases:
+    done: dict = {}
+    rows = _evaluate_all(track, phases, done, progress)
+    method_rows = _evaluate_all(track, list(methods), done, progress, "method")
+    by_name = {p.name: p for p in [*phases, *methods]}
+    sens, alloc = None, None
+    if sensitivity and sensitivity.get("phases"):
+        chosen = [by_name[n] for n in sensitivity["phases"]]
         if progress:
-            progress(f"trained model: phase {ph.name}")
-        key = _scheme_key(ph)
-        if key in done:
-            row = dict(done[key], phase=ph.to_dict(), label=ph.label, same_as=done[key]["phase"]["name"])
-            track.continuations[ph.name] = row["continuations"]
-        else:
-            row = done[key] = track.evaluate(ph)
-        rows.append(row)
-    by_name = {p.name: p for p in phases}
-    sens = []
-    if sensitivity_phase and sensitivity_phase in by_name:
-        if progress:
-            progress(f"trained model: layer sensitivity of {sensitivity_phase}")
-        sens = track.sensitivity(by_name[sensitivity_phase], sensitivity_groups)
+            progress(f"trained model: sensitivity at {', '.join(p.name for p in chosen)}")
+        tokens, context, text = S.calibration_tokens(track.base, track.ckpt, sensitivity.get("chunks", 1),
+                                                     sensitivity.get("ctx", DEFAULT_CTX))
+        from .workbook import run_phase
+        quantized = {p.name: run_phase(track.ckpt, p, track.work_dir / "trained")["path"] for p in chosen}
+        sens = S.measure(track.base, quantized, {p.name: p for p in chosen}, tokens, context,
+                         S.linear_groups(track.base.cfg, sensitivity.get("layers_per_group", 5)), text=text)
+        write_json_atomic(track.work_dir / "trained" / "sensitivity.json", sens)
+    if sens and allocation:
+        cfg = load_config(track.ckpt)
+        name = allocation.get("name", "mixed")
+        from .phases import load_phase
+        bp = allocation.get("budget_phase")
+        budget_phase = (by_name.get(bp) or load_phase(bp)) if bp else None
+        a = A.allocate(sens, cfg, budget_phase=budget_phase, budget_bits=allocation.get("budget_bits"),
+                       candidates=allocation.get("candidates"), keep=allocation.get("keep", True))
+        keys = A.allocation_phase(sens, a, name, budget={k: allocation[k] for k in ("budget_phase", "budget_bits")
+                                                           if allocation.get(k)})
+        path = A.write_phase_file(track.work_dir / "trained" / f"{name}.yaml", keys)
+        mixed = load_phase(path)
+        rows += _evaluate_all(track, [mixed], done, progress, "allocated phase")
+        alloc = {"phase_file": str(path), "keys": keys, "choice_rows": A.choice_rows(sens, a.choice),
+                 "budget_transformer_bytes": phase_estimate(cfg, budget_phase, codec_dtype=None).transformer_bytes
+                 if budget_phase else None}
     cfg = track.base.cfg
     from .trained import gguf_provenance
     return {
@@ -248,22 +303,103 @@ def run_track(work_dir: str | Path, phases: list[Phase], n_chunks: int = DEFAULT
         "evaluation": track.eval_info(),
         "base_continuations": track.continuations["base"],
         "phases": rows,
-        "sensitivity": {"phase": sensitivity_phase if sens else None, "rows": sens},
+        "methods": method_rows,
+        "sensitivity": sens,
+        "allocation": alloc,
         "bf16_check": track.bf16_check() if bf16 else None,
         "llamacpp": llamacpp_anchors(),
-        "format": "fishlab trained_model v1",
+        "format": "fishlab trained_model v2",
     }
 
 
-def phase_table(data: dict) -> list[dict]:
-    """One flat row per phase for tables and all_results.json."""
+def phase_table(data: dict, which: str = "phases") -> list[dict]:
+    """One flat row per phase (or per method phase: which="methods") for tables and all_results.json; a phase
+    that failed has only its name, label and error."""
     out = []
-    for r in data["phases"]:
+    for r in data.get(which) or []:
+        if "error" in r:
+            out.append({"phase": r["phase"]["name"], "label": r["label"], "error": r["error"]})
+            continue
         f = r["fidelity"]
         out.append({"phase": r["phase"]["name"], "label": r["label"], "same_as": r.get("same_as"),
                     "bits_per_weight": r["bits_per_weight"], "size_bytes": r["size"]["measured_bytes"],
                     "bf16_layout_bytes": r["size"]["bf16_layout_bytes"], "rel_fro": r["errors"]["rel_fro_mean"],
                     "kl_mean": f["slow_kl_mean"], "kl_median": f["slow_kl_median"], "kl_p99": f["slow_kl_p99"],
                     "top1": f["slow_top1"], "ln_ppl_ratio": f["slow_ln_ppl_ratio"], "ppl": f["slow_ppl"],
+                    "quantizer": r["phase"].get("quantizer", "rtn"), "zero_point": r["phase"].get("zero_point", False),
+                    "overrides": len(r["phase"].get("overrides") or []),
                     "continuation": next(iter(r["continuations"].values()), "")})
     return out
+
+
+def _plain(r: dict) -> bool:
+    """A measured row whose phase has one scheme everywhere (no overrides)."""
+    return "error" not in r and not r["phase"].get("overrides")
+
+
+def method_grid(data: dict) -> list[dict]:
+    """The method x bits table: one row per (bits, group size), one column per quantizer (+ 'a' for a zero-point
+    variant), the mean KL of the plan phases and method phases with no overrides; with the best of the row."""
+    cells: dict[tuple, dict] = {}
+    for r in phase_table(data) + phase_table(data, "methods"):
+        if "error" in r:
+            continue
+        ph = next(x["phase"] for x in [*data["phases"], *data.get("methods", [])] if x["phase"]["name"] == r["phase"])
+        if ph.get("overrides") or ph["method"] != "int":
+            continue
+        col = ph["quantizer"] + ("+zp" if ph["zero_point"] else "")
+        row = cells.setdefault((ph["bits"], ph["group_size"]), {"scheme": f"INT{ph['bits']} "
+                                                                + ("row" if ph["group_size"] is None else f"g{ph['group_size']}")})
+        row.setdefault(col, r["kl_mean"])
+    out = []
+    for key in sorted(cells, key=lambda k: (-k[0], k[1] or 0)):
+        row = cells[key]
+        vals = {k: v for k, v in row.items() if k != "scheme"}
+        best = min(vals, key=vals.get)
+        out.append(dict(row, best=best, best_kl=vals[best],
+                        best_vs_rtn=vals[best] / vals["rtn"] if vals.get("rtn") else None))
+    return out
+
+
+ISSUE_TARGETS = (
+    ("INT4 g128: best method's mean KL <= 0.6 x RTN's", (4, 128), "rtn", 0.6),
+    ("INT3 g128: best method's mean KL <= INT4 g128 RTN's", (3, 128), ("int4", 128), 1.0),
+    ("INT2 g64: best method's mean KL <= 0.2 x RTN's", (2, 64), "rtn", 0.2),
+)
+
+
+def issue_targets(data: dict) -> list[dict]:
+    """Issue 10's four targets on the trained model, each met / NOT met with the measured numbers (or 'not
+    measured' when a row it needs is missing or failed)."""
+    grid = {(int(g["scheme"].split()[0][3:]), None if g["scheme"].endswith("row") else int(g["scheme"].split("g")[-1])): g
+            for g in method_grid(data)}
+    out = []
+    for text, key, ref, factor in ISSUE_TARGETS:
+        row = grid.get(key)
+        ref_row = grid.get((4, 128)) if isinstance(ref, tuple) else row
+        if not row or not ref_row or "rtn" not in ref_row:
+            out.append({"target": text, "status": "not measured", "measured": ""})
+            continue
+        best, ref_kl = row["best_kl"], ref_row["rtn"]
+        ok = best <= factor * ref_kl
+        out.append({"target": text, "status": "met" if ok else "NOT met",
+                    "measured": f"best {row['best']} {best:.4g} vs {factor:g} x {ref_kl:.4g} = {factor * ref_kl:.4g}"})
+    text = "mixed precision at the size of 1b: lower mean KL than 1b"
+    rows = {r["phase"]: r for r in phase_table(data)}
+    alloc = data.get("allocation")
+    name = alloc["keys"]["phase"] if alloc else None
+    if not alloc or name not in rows or "error" in rows[name] or "1b" not in rows or "error" in rows["1b"]:
+        out.append({"target": text, "status": "not measured", "measured": ""})
+    else:
+        m, b = rows[name], rows["1b"]
+        ok = m["kl_mean"] < b["kl_mean"] and m["bf16_layout_bytes"] <= b["bf16_layout_bytes"]
+        out.append({"target": text, "status": "met" if ok else "NOT met",
+                    "measured": f"{name} {m['kl_mean']:.4g} at {m['bf16_layout_bytes']:,} B vs 1b {b['kl_mean']:.4g} "
+                                f"at {b['bf16_layout_bytes']:,} B (predicted {alloc['keys']['allocation']['predicted_kl']:.4g})"})
+    return out
+
+
+def pareto_rows(data: dict) -> list[dict]:
+    """Every measured phase and method phase as (bits per weight, mean KL, name, quantizer), for the
+    size-vs-KL chart of all methods."""
+    return [r for r in phase_table(data) + phase_table(data, "methods") if "error" not in r]

@@ -186,15 +186,20 @@ def collect_results(output_dir: str | Path) -> dict:
         for p in phases:
             if p["phase"]["name"] in rows:
                 p["trained"] = rows[p["phase"]["name"]]
+        from .trained_track import issue_targets, method_grid
+        sens = trained.get("sensitivity")
         trained = {"model": trained["model"], "evaluation": trained["evaluation"], "phases": list(rows.values()),
-                   "sensitivity": trained["sensitivity"], "bf16_check": trained["bf16_check"]}
+                   "methods": phase_table(trained, "methods"), "method_grid": method_grid(trained),
+                   "targets": issue_targets(trained),
+                   "sensitivity": sens and {k: sens[k] for k in ("groups", "precisions", "rows", "tokens", "route")},
+                   "allocation": trained.get("allocation"), "bf16_check": trained["bf16_check"]}
     return {
         "phases": {p["phase"]["name"]: p for p in phases},
         "pareto_size_vs_weight_error": [phases[i]["phase"]["name"] for i in pareto_front(pts)],
         "size_analysis": json.loads(sa.read_text()) if sa.exists() else None,
         "synthetic": any(p["synthetic"] for p in phases),
         "trained_model": trained,
-        "format": "fishlab all_results v2",
+        "format": "fishlab all_results v3",
     }
 
 
@@ -358,13 +363,20 @@ def listening_rows(output_dir: str | Path) -> tuple[dict, list, bool]:
 
 def trained_model_results(output_dir: str | Path, work_dir: str | Path | None = None,
                           phases: list[str] | None = None, params_dir: str | Path | None = None,
+                          methods: list[str] | None = None, methods_dir: str | Path | None = "methods",
                           **kwargs) -> dict:
-    """Run `trained_track.run_track` over the named phases (None: every phase file) and write its data to
-    <output_dir>/trained_model.json (atomically); returns the data."""
-    from .phases import load_phase, load_phases
+    """Run `trained_track.run_track` over the named phases (None: every phase file of params_dir) and method
+    phases (None: every phase file of `methods_dir`, a folder under params_dir unless absolute; [] or
+    methods_dir=None: none) and write its data to <output_dir>/trained_model.json (atomically)."""
+    from .phases import default_params_dir, load_phase, load_phases
     from .trained_track import RESULTS_FILE, run_track
     chosen = load_phases(params_dir) if phases is None else [load_phase(p, params_dir) for p in phases]
-    data = run_track(Path(work_dir or Path(output_dir) / "checkpoints"), chosen, **kwargs)
+    mdir = None if methods_dir is None else Path(params_dir or default_params_dir()) / methods_dir
+    if methods is None:
+        extra = load_phases(mdir) if mdir is not None and mdir.is_dir() else []
+    else:
+        extra = [load_phase(p, mdir) for p in methods]
+    data = run_track(Path(work_dir or Path(output_dir) / "checkpoints"), chosen, methods=extra, **kwargs)
     write_json_atomic(Path(output_dir) / RESULTS_FILE, data)
     return data
 
@@ -381,7 +393,8 @@ def trained_model_intro(data: dict) -> str:
 def continuation_rows(data: dict) -> list[dict]:
     """[{model, <prompt>: continuation, ...}] for the base and every phase."""
     rows = [{"model": "base", **data["base_continuations"]}]
-    rows += [{"model": r["label"], **r["continuations"]} for r in data["phases"]]
+    rows += [{"model": r["label"], **r["continuations"]} for r in [*data["phases"], *data.get("methods", [])]
+             if "continuations" in r]
     return rows
 
 

@@ -48,8 +48,11 @@ def _leftovers(out: Path) -> list[str]:
     return sorted(p.name for p in out.parent.iterdir() if p.name == out.name or p.name.startswith(f".{out.name}."))
 
 
-def _targets(ckpt: Path, target: str) -> list[str]:
-    return [s.name for s in linear_targets(load_config(ckpt).transformer, target)]
+def _targets(ckpt: Path, target: str, phase=None) -> list[str]:
+    """The linears a target covers; with `phase`, the ones it quantizes (its overrides decide: a kept one is not)."""
+    from fishlab.sizes import linear_name
+    specs = linear_targets(load_config(ckpt).transformer, target)
+    return [s.name for s in specs if phase is None or phase.tensor_phase(linear_name(s), True) is not None]
 
 
 def _phase_yaml(tmp_path: Path, name: str = "g96", **fields) -> Path:
@@ -73,7 +76,7 @@ def _reference(name: str, w: torch.Tensor, scheme) -> torch.Tensor:
 def _check_roundtrip(out: Path, source: dict, phase) -> None:
     """Every quantized tensor loads as exactly dequant(quant(W)); every other tensor is bit-identical."""
     loaded = dequantized_state_dict(out)
-    targets = set(_targets(out, phase.target))
+    targets = set(_targets(out, phase.target, phase))
     assert set(loaded) == set(source)
     scheme = scheme_of(phase)
     for name, w in source.items():
@@ -92,14 +95,14 @@ def _check_roundtrip(out: Path, source: dict, phase) -> None:
 
 def test_every_phase_input_unchanged_size_predicted_exact_reload(demo, source, tmp_path):
     before = checkpoint_digest(demo)
-    assert sorted(PHASES) == ["1a", "1b", "2a", "2b", "2c", "3a", "3b", "q4_0", "q8_0"]   # the plan + GGUF blocks
+    assert sorted(PHASES) == ["1a", "1b", "2a", "2b", "2c", "3a", "3b", "q4_0", "q8_0", "spare-fast"]   # the plan + GGUF blocks
     for name, phase in PHASES.items():
         out = tmp_path / f"phase-{name}"
         r = quantize_checkpoint(demo, out, phase, with_metrics=(name == "1b"))
         q = json.loads((out / "quantization.json").read_text())
         assert q["measured_bytes"] == r["measured_bytes"]
         assert abs(q["measured_bytes"] / q["predicted"]["total"] - 1) < 0.01, name
-        assert len(q["tensors"]) == len(_targets(demo, phase.target))
+        assert len(q["tensors"]) == len(_targets(demo, phase.target, phase))
         _check_roundtrip(out, source, phase)
         assert _leftovers(out) == [out.name]
         assert checkpoint_digest(demo) == before, f"phase {name} modified its input"
@@ -336,7 +339,7 @@ def test_cli_sizes(demo, tmp_path, capsys):
     so = capsys.readouterr().out
     assert "1b INT4 g128 slow" in so and "GGUF Q4_K" in so and "bf16 (as shipped)" in so
     a = json.loads(js.read_text())
-    assert a["model"] == "s2-pro" and len([r for r in a["estimates"] if r["kind"] == "phase"]) == 9
+    assert a["model"] == "s2-pro" and len([r for r in a["estimates"] if r["kind"] == "phase"]) == 10      # the plan, q4_0 / q8_0, spare-fast
     assert main(["sizes", "--checkpoint", str(demo), "--scale-dtype", "float16"]) == 0
     assert "demo" in capsys.readouterr().out
     assert main(["sizes", "--preset", "nope"]) == 2

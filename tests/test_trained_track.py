@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from fishlab import workbook
+from fishlab import trained_track, workbook
 from fishlab.trained import convert_gguf, smollm2_gguf
 from fishlab.trained_track import RESULTS_FILE, linear_bits_per_weight, phase_table
 
@@ -15,25 +15,42 @@ def track_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("track")
     ckpt = convert_gguf(smollm2_gguf(), d / "smollm2")
     out = d / "run"
-    data = workbook.trained_model_results(out, d / "work", ["1b", "2a", "2c"], n_chunks=2, ctx=128,
-                                          sensitivity_phase="2c", sensitivity_groups=3, ckpt=ckpt)
+    data = workbook.trained_model_results(out, d / "work", ["1b", "2a", "2c", "spare-fast"],
+                                          methods=["int4a-g128-rtn", "int3-g128-mse"], n_chunks=2, ctx=128,
+                                          sensitivity={"phases": ["1b", "2c"], "layers_per_group": 15, "ctx": 64},
+                                          allocation={"budget_phase": "1b", "name": "mixed-1b"}, ckpt=ckpt)
     return out, data
 
 
 def test_track_runs_every_phase_once_per_scheme_and_writes_its_side_file(track_run):
     out, data = track_run
-    assert json.loads((out / RESULTS_FILE).read_text())["format"] == "fishlab trained_model v1"
+    assert json.loads((out / RESULTS_FILE).read_text())["format"] == "fishlab trained_model v2"
     rows = {r["phase"]: r for r in phase_table(data)}
-    assert list(rows) == ["1b", "2a", "2c"]
-    assert rows["2a"]["same_as"] == "1b" and rows["2a"]["kl_mean"] == rows["1b"]["kl_mean"]   # same scheme on a text LM
+    assert list(rows) == ["1b", "2a", "2c", "spare-fast", "mixed-1b"]
+    for same in ("2a", "spare-fast"):                    # the same values on a text LM (no fast AR): measured once
+        assert rows[same]["same_as"] == "1b" and rows[same]["kl_mean"] == rows["1b"]["kl_mean"]
     assert 0 < rows["1b"]["kl_mean"] < rows["2c"]["kl_mean"]
     assert 4.25 < rows["1b"]["bits_per_weight"] < 4.3    # int4 + a float32 scale per 128 (a shorter 5th group of 576)
     e = data["evaluation"]
     assert e["scored_tokens"] == 2 * 64 and e["text"]["set"] == "evaluation" and 3 < e["base_ppl"] < 60
     assert "Paris" in data["base_continuations"]["The capital of France is"]
-    sens = data["sensitivity"]["rows"]
-    assert [r["group"] for r in sens] == ["slow 0-9", "slow 10-19", "slow 20-29"] and all(r["n_linears"] == 50 for r in sens)
-    assert all(0 < r["slow_kl_mean"] < rows["2c"]["kl_mean"] for r in sens)  # a third of the layers hurts less
+    sens = data["sensitivity"]
+    assert sens["tokens"]["text"]["set"] == "calibration" and len(sens["rows"]) == 2 * 10
+    assert all(0 < r["slow_kl_mean"] < rows["2c"]["kl_mean"] for r in sens["rows"])  # a part hurts less than all
+    # the allocated phase: an ordinary phase file at 1b's size, measured like any phase
+    alloc = data["allocation"]
+    m = rows["mixed-1b"]
+    assert m["overrides"] > 0 and m["bf16_layout_bytes"] <= rows["1b"]["bf16_layout_bytes"]
+    assert alloc["keys"]["allocation"]["transformer_bytes"] == m["bf16_layout_bytes"]
+    assert len(alloc["choice_rows"]) == 150
+    # methods: a zero-point RTN row and a row for each method; a method this build cannot run says why
+    meth = {r["phase"]: r for r in phase_table(data, "methods")}
+    assert meth["int4a-g128-rtn"]["zero_point"] and meth["int4a-g128-rtn"]["kl_mean"] > 0
+    grid = {g["scheme"]: g for g in trained_track.method_grid(data)}
+    assert grid["INT4 g128"]["rtn"] == rows["1b"]["kl_mean"] and "rtn+zp" in grid["INT4 g128"]
+    targets = trained_track.issue_targets(data)
+    assert len(targets) == 4 and all(t["status"] in ("met", "NOT met", "not measured") for t in targets)
+    assert targets[3]["status"] in ("met", "NOT met") and "mixed-1b" in targets[3]["measured"]
     b = data["bf16_check"]
     assert 0 < b["not_exact_in_bf16"] < 1 and 0 < b["fidelity"]["slow_kl_mean"] < rows["1b"]["kl_mean"]
 

@@ -66,9 +66,14 @@ def test_side_files_carry_the_numbers(default_run):
     assert res["pareto_size_vs_weight_error"]
     tm = res["trained_model"]                                   # every phase file ran on the trained proxy
     kl = {r["phase"]: r["kl_mean"] for r in tm["phases"]}
-    assert sorted(kl) == sorted(["1a", "1b", "2a", "2b", "2c", "3a", "3b", "q4_0", "q8_0"])
+    assert sorted(kl) == sorted(["1a", "1b", "2a", "2b", "2c", "3a", "3b", "q4_0", "q8_0", "spare-fast", "mixed-1b"])
     assert kl["q8_0"] < kl["2b"] < kl["q4_0"] < kl["1b"] < kl["2c"] < kl["3a"]
     assert res["phases"]["1b"]["trained"]["kl_mean"] == kl["1b"]
+    # issue 10 on the trained model: methods x bits, the four targets, sensitivity and the allocated phase
+    assert [t["status"] in ("met", "NOT met", "not measured") for t in tm["targets"]] == [True] * 4
+    assert tm["targets"][3]["status"] != "not measured"                       # mixed-1b was measured
+    assert {g["scheme"] for g in tm["method_grid"]} >= {"INT4 g128", "INT3 g128", "INT2 g64"}
+    assert tm["sensitivity"]["tokens"]["text"]["set"] == "calibration" and tm["allocation"]["choice_rows"]
 
 
 def test_every_phase_has_valid_samples_players_and_fidelity(default_run):
@@ -97,7 +102,8 @@ def test_every_phase_has_valid_samples_players_and_fidelity(default_run):
     assert "Size vs KL" in summary and "ranked by the word error rate" in summary
     trained = (run_dir / "15_trained_model.html").read_text()
     assert "Paris" in trained and "llama.cpp" in trained and "Q4_1" in trained
-    assert trained.count("data:image/png;base64") >= 2
+    assert trained.count("data:image/png;base64") >= 6     # KL vs bits, methods Pareto, 3 sensitivity maps, allocation
+    assert "Issue 10&#x27;s targets" in trained or "Issue 10's targets" in trained
 
 
 def test_a_notebook_runs_with_plain_papermill(repo, tmp_path, monkeypatch):

@@ -221,3 +221,36 @@ def group_bars(rows: list[dict], key: str = "slow_kl_mean", title: str = "Only t
     ax.tick_params(axis="x", rotation=30, labelsize=8)
     fig.tight_layout()
     return fig
+
+
+QUANTIZER_COLORS = {"rtn": "#4c72b0", "mse": "#dd8452", "hqq": "#55a868", "gptq": "#c44e52"}
+
+
+def methods_pareto(rows: list[dict], front: list[int] | None = None,
+                   title: str = "Trained model: size vs KL, every method") -> plt.Figure:
+    """Every measured phase (rows: bits_per_weight, kl_mean, phase, quantizer, zero_point, overrides) as a point
+    coloured by quantizer (hollow = zero points, a square = mixed precision), the Pareto front as a line. Log KL."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    seen = set()
+    for r in rows:
+        if not r.get("kl_mean") or r["kl_mean"] <= 0:
+            continue
+        q = r.get("quantizer", "rtn")
+        c = QUANTIZER_COLORS.get(q, "#777")
+        label = None if q in seen else q
+        seen.add(q)
+        ax.scatter([r["bits_per_weight"]], [r["kl_mean"]], marker="s" if r.get("overrides") else "o", s=36,
+                   facecolors="none" if r.get("zero_point") else c, edgecolors=c, zorder=3, label=label)
+        ax.annotate(r["phase"], (r["bits_per_weight"], r["kl_mean"]), textcoords="offset points", xytext=(4, 3),
+                    fontsize=7)
+    if front:
+        ax.plot([rows[i]["bits_per_weight"] for i in front], [rows[i]["kl_mean"] for i in front], color="#999",
+                lw=1, zorder=2, label="Pareto front")
+    ax.set_yscale("log")
+    ax.set_xlabel("stored bits per weight (scales and zero points included; kept linears at 16)")
+    ax.set_ylabel("mean KL(base || phase), nats/token")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="quantizer (hollow: zero points, square: mixed)", title_fontsize=7)
+    fig.tight_layout()
+    return fig
