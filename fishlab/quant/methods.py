@@ -19,6 +19,9 @@ from .primitives import (NonFiniteWeightError, QTensor, QuantError, Scheme, _non
                          quantize_tensor)
 
 #: Each quantizer's settings and their defaults (a phase's `quantizer_args` overrides any of them).
+#: mse's norm 3 (the error norm the clip search minimises): checked on the trained model against layer-output
+#: error on CALIBRATION-text activations (tr(D H D^T), H from fishlab.calibration), 4 linears x INT4 g128 / INT3 g128
+#: / INT2 g64: norm 3 beat RTN in all 12 cases (0.42-0.95 x), norm 2 lost in 4 (up to 1.36 x), norm 4 was close.
 DEFAULT_ARGS: dict[str, dict] = {
     "rtn": {},
     "mse": {"grid": 41, "min_ratio": 0.2, "norm": 3.0},
