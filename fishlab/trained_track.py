@@ -226,10 +226,22 @@ def _values_key(cfg, phase: Phase) -> tuple:
     return tuple(out)
 
 
+def _quantize_failures() -> tuple[type[Exception], ...]:
+    from .calibration import CalibrationError
+    from .quant.apply import QuantizeError
+    from .quant.primitives import QuantError, SchemeError
+    return (QuantError, SchemeError, QuantizeError, CalibrationError)
+
+
+#: What a phase can fail with on a given model and is reported as that phase's row (the rest propagates).
+QUANTIZE_FAILURES = _quantize_failures()
+
+
 def _evaluate_all(track: "TrainedTrack", phases: list[Phase], done: dict, progress=None, kind: str = "phase") -> list[dict]:
     """One row per phase; a phase with the same values as one measured before reuses its row (`same_as`). A
-    phase that cannot be quantized (e.g. a quantizer not available in this build) gets a row with its error,
-    shown in the reports; it is not dropped."""
+    phase that cannot be quantized (a scheme or quantizer this model's weights do not admit, a calibration that
+    fails: QUANTIZE_FAILURES) gets a row with its error, shown in the reports; it is not dropped. Any other
+    exception is a bug and propagates."""
     rows = []
     for ph in phases:
         if progress:
@@ -241,7 +253,7 @@ def _evaluate_all(track: "TrainedTrack", phases: list[Phase], done: dict, progre
         else:
             try:
                 row = track.evaluate(ph)
-            except Exception as e:          # noqa: BLE001 - recorded in the row and the report, never hidden
+            except QUANTIZE_FAILURES as e:          # recorded in the row and the report, never hidden
                 row = {"phase": ph.to_dict(), "label": ph.label, "error": f"{type(e).__name__}: {e}"}
             done[key] = row
         rows.append(row)
