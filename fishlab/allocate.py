@@ -254,7 +254,7 @@ def spare_most_sensitive(data: dict, like: Phase, spare: dict[str, int], name: s
         raise AllocationError(f"sparing single linears needs sensitivity per linear (layers_per_group 1); groups "
                               f"such as {wide[0]!r} hold several")
     by_name = {g["name"]: g for g in data["groups"]}
-    ranked = S.ranking(data, prec)
+    ranked = [(g, v) for g, v in S.ranking(data, prec) if by_name[g]["component"] == "slow_ar"]
     overrides, record = [], {}
     for proj, n in spare.items():
         picked = [g for g, _ in ranked if by_name[g]["projection"] == proj][:n]
@@ -273,3 +273,36 @@ def spare_most_sensitive(data: dict, like: Phase, spare: dict[str, int], name: s
                        "sensitivity": {"model": data.get("model"), "tokens": data.get("tokens")}}}
     Phase.from_dict(out, f"phase {name}")
     return out
+
+
+SPARE_SENSITIVITY = {"chunks": 1, "ctx": 256, "frames": 32}     # calibration text the ranking is measured on
+
+
+def resolve_spare(src: str | Path, phase: Phase, work_dir: str | Path, progress=None) -> tuple[Phase, dict]:
+    """A phase with `spare: {projection: N}` made ordinary for the checkpoint `src`: the phase without `spare`
+    (its own scheme and quantizer) is quantized into work_dir as `<name>-unspared` (or an earlier complete one
+    reused), the ΔKL of each slow-AR linear of the spared projections is measured alone on calibration text
+    (`sensitivity.from_checkpoint`, one linear per group), and the N most sensitive per projection become `keep`
+    overrides, ahead of the phase's own. Returns (the resolved Phase, its keys with the `allocation:` record:
+    the ranking, the ΔKL of each kept linear, the unresolved phase). Writes the sensitivity and the resolved
+    phase file into work_dir (atomically) so the choice can be read and re-used."""
+    from dataclasses import replace
+
+    from .io import write_json_atomic
+    if not phase.spare:
+        return phase, phase.to_dict()
+    work_dir = Path(work_dir)
+    like = replace(phase, name=f"{phase.name}-unspared", spare={})
+    data = S.from_checkpoint(src, [like], work_dir, layers_per_group=1, progress=progress,
+                             projections=list(phase.spare), **SPARE_SENSITIVITY)
+    write_json_atomic(work_dir / f"{phase.name}.sensitivity.json", data)
+    have = Counter(g["projection"] for g in data["groups"])
+    spare = {p: min(n, have[p]) for p, n in phase.spare.items()}
+    if spare != phase.spare and progress:
+        progress(f"spare {phase.spare}: this model has only {dict(have)} such slow-AR linears; keeping all of those")
+    keys = spare_most_sensitive(data, like, spare, phase.name, like.name, phase.description)
+    keys["overrides"] = keys["overrides"] + [dict(o) for o in phase.overrides]
+    keys["allocation"].update({"from": phase.to_dict(), "asked": dict(phase.spare), "available": dict(have)})
+    resolved = Phase.from_dict(keys, f"{phase.source or phase.name} (spare resolved on {src})")
+    write_phase_file(work_dir / f"{phase.name}.resolved.yaml", keys)
+    return resolved, keys

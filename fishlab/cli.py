@@ -137,6 +137,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise UserError(f"checkpoint not found: {ckpt}")
     try:
         phase = load_phase(args.phase, args.params_dir)
+        if phase.spare:     # which linears to keep is measured on this checkpoint first (allocate.resolve_spare)
+            from .allocate import AllocationError, resolve_spare
+            work = Path(args.out).parent / f".{Path(args.out).name}.spare"
+            print(f"phase {phase.name}: spare {phase.spare} - ranking the linears on {ckpt} (work files in {work})",
+                  file=sys.stderr)
+            try:
+                phase, keys = resolve_spare(ckpt, phase, work, progress=lambda m: print(m, file=sys.stderr))
+            except AllocationError as e:
+                raise UserError(str(e)) from None
+            print(f"phase {phase.name}: keeps " + ", ".join(o["match"] for o in phase.overrides if o.get("keep"))
+                  + f" (ranking: {work / (phase.name + '.sensitivity.json')}, phase: "
+                  f"{work / (phase.name + '.resolved.yaml')})", file=sys.stderr)
+            import shutil
+            shutil.rmtree(work / f"phase-{phase.name}-unspared", ignore_errors=True)   # the ranking's checkpoint
         r = quantize_checkpoint(ckpt, args.out, phase, overwrite=args.overwrite, with_metrics=not args.no_metrics,
                                 progress=sys.stderr.isatty(), device=args.device)
     except _user_errors() as e:

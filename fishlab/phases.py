@@ -14,6 +14,12 @@ Keys of a phase file: `method` (the number format: int | fp8), `bits`, `group_si
   "layers.3.feed_forward.w2" or "fast_*">, keep: true}` (left as stored) or `{match: ..., <any of method, bits,
   group_size, scale_dtype, zero_point, quantizer, quantizer_args>}`. The first override that matches a linear
   decides it (it may also quantize a linear outside the target); other linears follow the phase.
+- `spare`: `{<projection>: N, ...}`, e.g. `{w2: 7, wo: 2}` (baicai1145/s2-pro-w4a16's recipe): keep the N
+  slow-AR linears of that projection that are most sensitive *on the checkpoint being quantized* in bf16. Which
+  ones is measured, not typed: `allocate.resolve_spare` quantizes the phase without `spare`, ranks the
+  projection's linears by ΔKL on calibration text (`fishlab.sensitivity`, one linear per group) and turns the
+  phase into an ordinary one with `keep` overrides (recorded under `allocation:`). `workbook.run_phase` and
+  `fishlab quantize` resolve it; sizes need no resolution (a projection's slow-AR linears share one shape).
 - `allocation`: what the bit allocator recorded when it wrote the file (fishlab/allocate.py); informative.
 """
 from __future__ import annotations
@@ -56,6 +62,7 @@ class Phase:
     calibration: dict = field(default_factory=dict)
     overrides: tuple = ()       # of dicts: {match, keep} or {match, <OVERRIDE_KEYS>}
     allocation: dict | None = None
+    spare: dict = field(default_factory=dict)     # {projection: N}: resolved per checkpoint (allocate.resolve_spare)
 
     @property
     def label(self) -> str:
@@ -63,6 +70,8 @@ class Phase:
         gran = "row" if self.group_size is None else f"g{self.group_size}"
         extra = "" if self.quantizer == "rtn" else f" {self.quantizer.upper()}"
         mixed = f" +{len(self.overrides)} overrides" if self.overrides else ""
+        if self.spare:
+            mixed += " spare " + " ".join(f"{p}={n}" for p, n in self.spare.items())
         return f"{self.name} {kind} {gran} {self.target}{extra}{mixed}"
 
     @property
@@ -73,7 +82,11 @@ class Phase:
     def tensor_phase(self, name: str, in_target: bool) -> "Phase | None":
         """How this phase treats one linear, by its internal module name (`layers.3.feed_forward.w2`): the first
         override whose `match` fits it decides (None for `keep`); otherwise the phase itself when the linear is
-        in the target, else None (stored as it is). The returned phase has no overrides."""
+        in the target, else None (stored as it is). The returned phase has no overrides. A phase with `spare`
+        decides nothing until resolved (`allocate.resolve_spare`): which linears it keeps depends on the weights."""
+        if self.spare:
+            raise PhaseError(f"phase {self.name}: `spare` {self.spare} is resolved per checkpoint first "
+                             f"(fishlab.allocate.resolve_spare; workbook.run_phase and fishlab quantize do it)")
         for o in self.overrides:
             if fnmatch.fnmatchcase(name, o["match"]):
                 if o.get("keep"):
@@ -93,7 +106,10 @@ class Phase:
 
     def to_dict(self) -> dict:
         """Plain JSON data (overrides as a list), equal to what quantization.json stores and gives back."""
-        return json.loads(json.dumps(asdict(self)))
+        d = json.loads(json.dumps(asdict(self)))
+        if not d["spare"]:
+            del d["spare"]              # phases without it keep the records they had before the key existed
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "phase") -> "Phase":
@@ -135,9 +151,17 @@ class Phase:
              f"calibration must be a mapping of tokens / ctx (positive integers) and seed, got {cal!r}")
         alloc = d.get("allocation")
         need(alloc is None or isinstance(alloc, dict), "allocation must be a mapping")
+        spare = d.get("spare") or {}
+        from .manifest import PROJECTIONS
+        need(isinstance(spare, dict) and all(k in PROJECTIONS and isinstance(v, int) and not isinstance(v, bool)
+                                             and v > 0 for k, v in spare.items()),
+             f"spare must map projections ({', '.join(PROJECTIONS)}) to positive counts, e.g. {{w2: 7, wo: 2}}, "
+             f"got {spare!r}")
+        need(not spare or method == "int", "spare needs method int (it ranks linears by their ΔKL at the phase's "
+                                            "own scheme)")
         overrides = d.get("overrides") or []
         need(isinstance(overrides, list), f"overrides must be a list, got {type(overrides).__name__}")
-        base = {k: v for k, v in d.items() if k not in ("overrides", "allocation")}
+        base = {k: v for k, v in d.items() if k not in ("overrides", "allocation", "spare")}
         for i, o in enumerate(overrides):
             where = f"overrides[{i}]"
             need(isinstance(o, dict) and isinstance(o.get("match"), str) and o["match"],
@@ -151,7 +175,7 @@ class Phase:
         return cls(name=str(d["phase"]), method=method, bits=int(bits), group_size=group, target=target,
                    scale_dtype=sd, description=str(d.get("description", "")), source=source, zero_point=zp,
                    quantizer=quantizer, quantizer_args=dict(args), calibration=dict(cal),
-                   overrides=tuple(dict(o) for o in overrides), allocation=alloc)
+                   overrides=tuple(dict(o) for o in overrides), allocation=alloc, spare=dict(spare))
 
 
 def parse_phase(d: dict, source: str = "phase"):

@@ -155,10 +155,12 @@ def calibration_tokens(base, ckpt: str | Path, chunks: int = 1, ctx: int = 512, 
 
 
 def from_checkpoint(ckpt: str | Path, phases: list, work_dir: str | Path, layers_per_group: int = 5,
-                    target: str = "slow", chunks: int = 1, ctx: int = 512, frames: int = 32, progress=None) -> dict:
+                    target: str = "slow", chunks: int = 1, ctx: int = 512, frames: int = 32, progress=None,
+                    projections: list[str] | None = None) -> dict:
     """Sensitivity of any checkpoint (the trained proxy, the synthetic demo, a real S2 Pro): each phase is
     quantized into work_dir (or an earlier complete output reused, `workbook.run_phase`), the base is loaded
-    alone in float32 and each group's linears are swapped in from each quantized checkpoint in turn."""
+    alone in float32 and each group's linears are swapped in from each quantized checkpoint in turn.
+    `projections`: measure only the slow-AR groups of these projections (e.g. ["w2", "wo"])."""
     import torch
 
     from .model.load import load_transformer
@@ -170,6 +172,9 @@ def from_checkpoint(ckpt: str | Path, phases: list, work_dir: str | Path, layers
         quantized[ph.name] = run_phase(Path(ckpt), ph, work_dir)["path"]
     base = load_transformer(ckpt, dtype=torch.float32)
     tokens, context, text = calibration_tokens(base, ckpt, chunks, ctx, frames)
-    data = measure(base, quantized, {p.name: p for p in phases}, tokens, context,
-                   linear_groups(base.cfg, layers_per_group, target), text=text, progress=progress)
+    groups = linear_groups(base.cfg, layers_per_group, target)
+    if projections is not None:
+        groups = [g for g in groups if g["component"] == "slow_ar" and g["projection"] in projections]
+    data = measure(base, quantized, {p.name: p for p in phases}, tokens, context, groups, text=text,
+                   progress=progress)
     return dict(data, checkpoint=str(Path(ckpt).resolve()), layers_per_group=layers_per_group, target=target)

@@ -103,11 +103,37 @@ def estimate(cfg: ModelConfig, name: str, rule: Callable[[TensorSpec], dict | No
     return Estimate(name, per, scales, nq, nparams)
 
 
+def spare_linears(cfg: ModelConfig, spare: dict[str, int], order: list[str] | None = None) -> list[str]:
+    """The slow-AR linears a `spare: {projection: N}` keeps: per projection, the first N of `order` (the
+    resolved ranking, most sensitive first) or, without one, of the layer order - a stand-in with the same bytes,
+    since a projection's slow-AR linears all have one shape. A model with fewer than N keeps all of them (the
+    resolution says so in its record)."""
+    out = []
+    for proj, n in spare.items():
+        names = [linear_name(s) for s in linear_targets(cfg.transformer, "slow")
+                 if s.component == "slow_ar" and s.layer is not None and s.projection == proj]
+        if order is not None:
+            names = [x for x in order if x in set(names)]
+        out += names[:n]
+    return out
+
+
+def spare_stand_in(cfg: ModelConfig, phase: Phase) -> Phase:
+    """`phase` with its `spare` replaced by keep overrides on stand-in linears (`spare_linears`): what sizes
+    count before the phase is resolved on a checkpoint (exact bytes; not which linears)."""
+    if not phase.spare:
+        return phase
+    from dataclasses import replace
+    keep = tuple({"match": n, "keep": True} for n in spare_linears(cfg, phase.spare))
+    return replace(phase, spare={}, overrides=keep + tuple(phase.overrides))
+
+
 def phase_rule(cfg: ModelConfig, phase: Phase, scale_dtype: str | None = None,
                target: str | None = None) -> Callable[[TensorSpec], dict | None]:
     """Bytes of each tensor under `phase`, tensor by tensor as quantize_checkpoint decides it
-    (`Phase.tensor_phase`: the first matching override, else the phase on its target). `scale_dtype` /
-    `target` replace the phase's own (for the size hypotheses)."""
+    (`Phase.tensor_phase`: the first matching override, else the phase on its target; an unresolved `spare`
+    by `spare_stand_in`). `scale_dtype` / `target` replace the phase's own (for the size hypotheses)."""
+    phase = spare_stand_in(cfg, phase)
     names = {s.name for s in linear_targets(cfg.transformer, target or phase.target)}
 
     def rule(s: TensorSpec):

@@ -32,7 +32,7 @@ from .manifest import linear_targets
 from .model.load import load_transformer, model_weight_bytes
 from .model.textlm import TextLM, generate_greedy_ids
 from .phases import Phase
-from .sizes import bf16_estimate, phase_estimate, phase_rule
+from .sizes import bf16_estimate, phase_estimate, phase_rule, spare_stand_in
 
 PROMPTS = ("The capital of France is", "The three primary colors are")
 DEFAULT_CHUNKS = 4          # x DEFAULT_CTX tokens: about 5 s per model on 2 cores (float32)
@@ -175,6 +175,8 @@ class TrainedTrack:
             "fidelity": {k: v for k, v in fid.items() if k != "method"},
             "eval_seconds": seconds, "eval_route": EVAL_ROUTE, "quantize_seconds": result.get("seconds"),
             "reused": result["reused"],
+            # a `spare` phase: the linears it kept on this model, each with its measured ΔKL
+            "spared": ((result.get("phase") or {}).get("allocation") or {}).get("spared") if phase.spare else None,
             "continuations": cont,
         }
 
@@ -219,7 +221,8 @@ def _values_key(cfg, phase: Phase) -> tuple:
     no linear (S2 Pro's fast AR on a text LM: 1b, 2a, spare-fast) get the same key."""
     from .sizes import linear_name
     target = {s.name for s in linear_targets(cfg.transformer, phase.target)}
-    out = []
+    out = [tuple(sorted(phase.spare.items()))]          # a spare phase's kept linears are measured, not known
+    phase = spare_stand_in(cfg, phase)
     for s in linear_targets(cfg.transformer, "all"):
         tp = phase.tensor_phase(linear_name(s), s.name in target)
         out.append(None if tp is None else tp.scheme_key())
@@ -415,3 +418,14 @@ def pareto_rows(data: dict) -> list[dict]:
     """Every measured phase and method phase as (bits per weight, mean KL, name, quantizer), for the
     size-vs-KL chart of all methods."""
     return [r for r in phase_table(data) + phase_table(data, "methods") if "error" not in r]
+
+
+def spared_rows(data: dict) -> list[dict]:
+    """The linears each `spare` phase (e.g. the baicai-style preset) kept in bf16 on this model, most sensitive
+    first per projection, with the ΔKL that ranked them."""
+    out = []
+    for r in [*data["phases"], *data.get("methods", [])]:
+        for proj, picked in (r.get("spared") or {}).items():
+            out += [{"phase": r["phase"]["name"], "projection": proj, "linear": x["linear"], "delta_kl": x["delta_kl"]}
+                    for x in picked]
+    return out

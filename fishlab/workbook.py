@@ -53,10 +53,17 @@ def run_phase(src: Path, phase: Phase, work_dir: str | Path, overwrite: bool = F
         return run_import(src, phase, work_dir, overwrite)
     out = phase_checkpoint_dir(work_dir, phase)
     q = read_quantization(out) if out.exists() else None
-    same = q is not None and q.get("phase") == phase.to_dict() and q.get("source") == str(Path(src).resolve())
+    if phase.spare and q is not None:     # a resolved spare phase remembers the phase file it came from
+        recorded = ((q.get("phase") or {}).get("allocation") or {}).get("from")
+    else:
+        recorded = None if q is None else q.get("phase")
+    same = q is not None and recorded == phase.to_dict() and q.get("source") == str(Path(src).resolve())
     if same and not overwrite and (out / METRICS_FILE).exists():
         metrics = json.loads((out / METRICS_FILE).read_text())["tensors"]
         return dict(q, metrics=metrics, reused=True, path=str(out))
+    if phase.spare:
+        from .allocate import resolve_spare
+        phase, _ = resolve_spare(src, phase, work_dir, progress=print if progress else None)
     result = quantize_checkpoint(src, out, phase, overwrite=out.exists(), progress=progress)
     return dict(result, reused=False, path=str(out))
 
@@ -186,11 +193,11 @@ def collect_results(output_dir: str | Path) -> dict:
         for p in phases:
             if p["phase"]["name"] in rows:
                 p["trained"] = rows[p["phase"]["name"]]
-        from .trained_track import issue_targets, method_grid
+        from .trained_track import issue_targets, method_grid, spared_rows
         sens = trained.get("sensitivity")
         trained = {"model": trained["model"], "evaluation": trained["evaluation"], "phases": list(rows.values()),
                    "methods": phase_table(trained, "methods"), "method_grid": method_grid(trained),
-                   "targets": issue_targets(trained),
+                   "targets": issue_targets(trained), "spared": spared_rows(trained),
                    "sensitivity": sens and {k: sens[k] for k in ("groups", "precisions", "rows", "tokens", "route")},
                    "allocation": trained.get("allocation"), "bf16_check": trained["bf16_check"]}
     return {

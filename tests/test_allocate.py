@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,3 +239,82 @@ def test_spare_the_most_sensitive_w2_and_wo_baicai_style(smol, tmp_path):
     wide = dict(_fake(cfg, {"2c": [0.1] * 15}, {"2c": load_phase("2c")}, 10))
     with pytest.raises(A.AllocationError, match="per linear"):
         A.spare_most_sensitive(wide, load_phase("q4_0"), {"w2": 7}, "x")
+
+
+def test_a_spare_phase_file_is_resolved_on_the_checkpoint_it_quantizes(smol, tmp_path):
+    """`spare: {w2: 2, wo: 1}` (the baicai-style preset's key, here on INT3 g128 RTN for speed): run_phase ranks
+    the trained model's slow-AR w2 / wo by measured ΔKL, keeps the top ones as stored, records the choice, is the
+    size the unresolved phase predicts, and is reused the second time."""
+    from fishlab.quant.apply import read_quantization
+    from fishlab.workbook import run_phase
+    cfg = load_config(smol)
+    ph = Phase.from_dict({"phase": "spare-test", "method": "int", "bits": 3, "group_size": 128, "target": "slow",
+                          "spare": {"w2": 2, "wo": 1}})
+    with pytest.raises(PhaseError, match="resolved per checkpoint"):
+        ph.tensor_phase("layers.0.feed_forward.w2", True)
+    r = run_phase(smol, ph, tmp_path)
+    assert not r["reused"]
+    q = read_quantization(r["path"])
+    rec = q["phase"]["allocation"]
+    assert rec["from"] == ph.to_dict() and rec["like"] == "spare-test-unspared"
+    sens = json.loads((tmp_path / "spare-test.sensitivity.json").read_text())
+    assert len(sens["groups"]) == 2 * cfg.transformer.n_layer and all(r_["slow_kl_mean"] > 0 for r_ in sens["rows"])
+    by = {g["name"]: g for g in sens["groups"]}
+    for proj, n in (("w2", 2), ("wo", 1)):
+        ranked = [by[g]["linears"][0] for g, _ in S.ranking(sens, "spare-test-unspared") if by[g]["projection"] == proj]
+        assert [x["linear"] for x in rec["spared"][proj]] == ranked[:n]
+    kept = {o["match"] for o in q["phase"]["overrides"] if o.get("keep")}
+    assert len(kept) == 3
+    stored = load_file(str(Path(r["path"]) / "model.safetensors"))
+    for name in kept:
+        assert f"text_model.model.{name}.weight" in stored                   # as stored, no .qdata
+        assert f"text_model.model.{name}.weight.qdata" not in stored
+    assert sum(k.endswith(".qdata") for k in stored) == 5 * cfg.transformer.n_layer - 3
+    resolved = load_phase(tmp_path / "spare-test.resolved.yaml")
+    assert resolved.to_dict() == dict(q["phase"], source=resolved.source)
+    # the unresolved phase's size (stand-in linears of the same shapes) is the resolved phase's, byte for byte
+    unspared = Phase.from_dict({k: v for k, v in ph.to_dict().items() if k not in ("name", "source", "spare")}
+                               | {"phase": "unspared"})
+    spared, exact, plain = (phase_estimate(cfg, p, codec_dtype=None).transformer_bytes for p in (ph, resolved, unspared))
+    assert spared == exact > plain
+    assert run_phase(smol, ph, tmp_path)["reused"]
+
+
+def test_spare_keys_are_checked_and_the_preset_file_loads():
+    for bad in ({"w9": 2}, {"w2": 0}, {"w2": "7"}, ["w2"]):
+        with pytest.raises(PhaseError, match="spare must map projections"):
+            Phase.from_dict({"phase": "x", "method": "int", "bits": 4, "group_size": 32, "target": "slow", "spare": bad})
+    b = load_phase("baicai-style")
+    assert (b.bits, b.group_size, b.quantizer, b.quantizer_args, b.spare) == (4, 32, "gptq", {"act_order": True},
+                                                                            {"w2": 7, "wo": 2})
+    assert "spare" not in load_phase("1b").to_dict()        # phases without it keep their earlier records
+    s2 = preset("s2-pro")
+    like = Phase.from_dict({k: v for k, v in b.to_dict().items() if k not in ("name", "source", "spare")}
+                           | {"phase": "like"})
+    per_w2 = 2560 * 9728 * 2 - (9728 // 32) * 2560 * 2 - 2560 * 9728 // 2   # bf16 minus INT4 g32 (fp16 scales)
+    per_wo = 4096 * 2560 * 2 - (4096 // 32) * 2560 * 2 - 4096 * 2560 // 2
+    assert (phase_estimate(s2, b).transformer_bytes - phase_estimate(s2, like).transformer_bytes
+            == 7 * per_w2 + 2 * per_wo)
+
+
+def test_fishlab_quantize_resolves_spare_on_an_s2pro_shaped_checkpoint(tmp_path, capsys):
+    """The CLI on the synthetic S2 Pro demo (4 slow layers, calibration = the base model's own frames): a spare
+    asking for more w2 than the model has keeps all of them and says so."""
+    from fishlab.cli import main
+    from fishlab.demo import build_demo_checkpoint
+    from fishlab.quant.apply import read_quantization
+    demo = build_demo_checkpoint(tmp_path / "demo")
+    f = tmp_path / "sp.yaml"
+    f.write_text("phase: sp\nmethod: int\nbits: 4\ngroup_size: 32\ntarget: slow\nspare: {w2: 9, wo: 1}\n")
+    out = tmp_path / "out"
+    assert main(["quantize", "--checkpoint", str(demo), "--phase", str(f), "--out", str(out), "--no-metrics"]) == 0
+    err = capsys.readouterr().err
+    assert "keeping all of those" in err and "phase sp: keeps" in err
+    q = read_quantization(out)
+    kept = sorted(o["match"] for o in q["phase"]["overrides"] if o.get("keep"))
+    assert kept == sorted([f"layers.{i}.feed_forward.w2" for i in range(4)]
+                          + [x["linear"] for x in q["phase"]["allocation"]["spared"]["wo"]])
+    assert q["phase"]["allocation"]["asked"] == {"w2": 9, "wo": 1} and len(kept) == 5
+    assert not any(".layers.0.feed_forward.w2." in k for k in q["tensors"]) and len(q["tensors"]) == 4 * 5 - 5
+    work = tmp_path / ".out.spare"
+    assert (work / "sp.resolved.yaml").exists() and not (work / "phase-sp-unspared").exists()

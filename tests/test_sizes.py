@@ -61,7 +61,7 @@ def test_traffic_per_frame_counts_the_fast_ar_once_per_codebook():
 def test_size_analysis_reconciles_every_published_entry():
     a = size_analysis(S2, load_phases())
     phases = {r["name"]: r for r in a["estimates"] if r["kind"] == "phase"}
-    assert list(phases) == ["1a", "1b", "2a", "2b", "2c", "3a", "3b", "q4_0", "q8_0", "spare-fast"]
+    assert list(phases) == ["1a", "1b", "2a", "2b", "2c", "3a", "3b", "baicai-style", "q4_0", "q8_0", "spare-fast"]
     # the q8_0 phase is GGUF's Q8_0 block scheme (INT8, blocks of 32, fp16 scales): the linears it packs
     # take exactly the bytes the Q8_0 estimate gives them
     gguf_q8 = next(r for r in a["estimates"] if r["name"] == "Q8_0")
