@@ -347,20 +347,21 @@ def phase_table(data: dict, which: str = "phases") -> list[dict]:
     return out
 
 
-def _plain(r: dict) -> bool:
-    """A measured row whose phase has one scheme everywhere (no overrides)."""
-    return "error" not in r and not r["phase"].get("overrides")
+def _plain(phase: dict) -> bool:
+    """A phase with one scheme on every linear of its target: no overrides, nothing spared."""
+    return not phase.get("overrides") and not phase.get("spare")
 
 
 def method_grid(data: dict) -> list[dict]:
-    """The method x bits table: one row per (bits, group size), one column per quantizer (+ 'a' for a zero-point
-    variant), the mean KL of the plan phases and method phases with no overrides; with the best of the row."""
+    """The method x bits table: one row per (bits, group size), one column per quantizer (+ 'zp' for a zero-point
+    variant), the mean KL of the plan phases and method phases with one scheme everywhere (`_plain`); with the
+    best of the row."""
     cells: dict[tuple, dict] = {}
     for r in phase_table(data) + phase_table(data, "methods"):
         if "error" in r:
             continue
         ph = next(x["phase"] for x in [*data["phases"], *data.get("methods", [])] if x["phase"]["name"] == r["phase"])
-        if ph.get("overrides") or ph["method"] != "int":
+        if not _plain(ph) or ph["method"] != "int":       # mixed phases (mixed-1b, baicai-style) are not a cell
             continue
         col = ph["quantizer"] + ("+zp" if ph["zero_point"] else "")
         row = cells.setdefault((ph["bits"], ph["group_size"]), {"scheme": f"INT{ph['bits']} "

@@ -48,6 +48,13 @@ def test_track_runs_every_phase_once_per_scheme_and_writes_its_side_file(track_r
     assert meth["int4a-g128-rtn"]["zero_point"] and meth["int4a-g128-rtn"]["kl_mean"] > 0
     grid = {g["scheme"]: g for g in trained_track.method_grid(data)}
     assert grid["INT4 g128"]["rtn"] == rows["1b"]["kl_mean"] and "rtn+zp" in grid["INT4 g128"]
+    # a phase that spares linears (baicai-style) or has overrides (mixed-1b) is not a method x bits cell
+    import copy
+    spared = copy.deepcopy(next(r for r in data["phases"] if r["phase"]["name"] == "1b"))
+    spared["phase"].update(name="sp", quantizer="gptq", spare={"w2": 1})
+    with_spare = dict(data, phases=[*data["phases"], spared])
+    assert trained_track.method_grid(with_spare) == trained_track.method_grid(data)
+    assert "gptq" not in {k for g in trained_track.method_grid(with_spare) for k in g}
     targets = trained_track.issue_targets(data)
     assert len(targets) == 4 and all(t["status"] in ("met", "NOT met", "not measured") for t in targets)
     assert targets[3]["status"] in ("met", "NOT met") and "mixed-1b" in targets[3]["measured"]

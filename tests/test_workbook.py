@@ -80,6 +80,7 @@ def test_side_files_carry_the_numbers(default_run):
     assert sorted(p for p, _ in spared) == ["w2"] * 7 + ["wo"] * 2, spared       # resolved on the trained model
     assert all(lin.endswith(p) for p, lin in spared)
     assert {g["scheme"] for g in tm["method_grid"]} >= {"INT4 g128", "INT3 g128", "INT2 g64"}
+    assert "gptq" not in next(g for g in tm["method_grid"] if g["scheme"] == "INT4 g32")   # baicai-style spares
     assert tm["sensitivity"]["tokens"]["text"]["set"] == "calibration" and tm["allocation"]["choice_rows"]
 
 
