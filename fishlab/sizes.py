@@ -103,18 +103,15 @@ def estimate(cfg: ModelConfig, name: str, rule: Callable[[TensorSpec], dict | No
     return Estimate(name, per, scales, nq, nparams)
 
 
-def spare_linears(cfg: ModelConfig, spare: dict[str, int], order: list[str] | None = None) -> list[str]:
-    """The slow-AR linears a `spare: {projection: N}` keeps: per projection, the first N of `order` (the
-    resolved ranking, most sensitive first) or, without one, of the layer order - a stand-in with the same bytes,
-    since a projection's slow-AR linears all have one shape. A model with fewer than N keeps all of them (the
-    resolution says so in its record)."""
+def spare_linears(cfg: ModelConfig, spare: dict[str, int]) -> list[str]:
+    """Stand-ins for the slow-AR linears a `spare: {projection: N}` keeps: per projection, the first N in layer
+    order. Which ones the resolution keeps is measured (allocate.resolve_spare); the bytes are the same, since a
+    projection's slow-AR linears all have one shape. A model with fewer than N keeps all of them (the resolution
+    says so in its record)."""
     out = []
     for proj, n in spare.items():
-        names = [linear_name(s) for s in linear_targets(cfg.transformer, "slow")
-                 if s.component == "slow_ar" and s.layer is not None and s.projection == proj]
-        if order is not None:
-            names = [x for x in order if x in set(names)]
-        out += names[:n]
+        out += [linear_name(s) for s in linear_targets(cfg.transformer, "slow")
+                if s.component == "slow_ar" and s.layer is not None and s.projection == proj][:n]
     return out
 
 
