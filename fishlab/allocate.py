@@ -278,19 +278,19 @@ def spare_most_sensitive(data: dict, like: Phase, spare: dict[str, int], name: s
 SPARE_SENSITIVITY = {"chunks": 1, "ctx": 256, "frames": 32}     # calibration text the ranking is measured on
 
 
-def resolve_spare(src: str | Path, phase: Phase, work_dir: str | Path, progress=None) -> tuple[Phase, dict]:
+def resolve_spare(src: str | Path, phase: Phase, work_dir: str | Path, progress=None) -> Phase:
     """A phase with `spare: {projection: N}` made ordinary for the checkpoint `src`: the phase without `spare`
     (its own scheme and quantizer) is quantized into work_dir as `<name>-unspared` (or an earlier complete one
     reused), the ΔKL of each slow-AR linear of the spared projections is measured alone on calibration text
     (`sensitivity.from_checkpoint`, one linear per group), and the N most sensitive per projection become `keep`
-    overrides, ahead of the phase's own. Returns (the resolved Phase, its keys with the `allocation:` record:
-    the ranking, the ΔKL of each kept linear, the unresolved phase). Writes the sensitivity and the resolved
-    phase file into work_dir (atomically) so the choice can be read and re-used."""
+    overrides, ahead of the phase's own. Returns the resolved Phase (its `allocation:` record: the ΔKL of each
+    kept linear, the unresolved phase). Writes the sensitivity and the resolved phase file into work_dir
+    (atomically) so the choice can be read and re-used."""
     from dataclasses import replace
 
     from .io import write_json_atomic
     if not phase.spare:
-        return phase, phase.to_dict()
+        return phase
     work_dir = Path(work_dir)
     like = replace(phase, name=f"{phase.name}-unspared", spare={})
     data = S.from_checkpoint(src, [like], work_dir, layers_per_group=1, progress=progress,
@@ -305,4 +305,4 @@ def resolve_spare(src: str | Path, phase: Phase, work_dir: str | Path, progress=
     keys["allocation"].update({"from": phase.to_dict(), "asked": dict(phase.spare), "available": dict(have)})
     resolved = Phase.from_dict(keys, f"{phase.source or phase.name} (spare resolved on {src})")
     write_phase_file(work_dir / f"{phase.name}.resolved.yaml", keys)
-    return resolved, keys
+    return resolved

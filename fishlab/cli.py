@@ -143,7 +143,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             print(f"phase {phase.name}: spare {phase.spare} - ranking the linears on {ckpt} (work files in {work})",
                   file=sys.stderr)
             try:
-                phase, keys = resolve_spare(ckpt, phase, work, progress=lambda m: print(m, file=sys.stderr))
+                phase = resolve_spare(ckpt, phase, work, progress=lambda m: print(m, file=sys.stderr))
             except AllocationError as e:
                 raise UserError(str(e)) from None
             print(f"phase {phase.name}: keeps " + ", ".join(o["match"] for o in phase.overrides if o.get("keep"))

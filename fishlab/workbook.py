@@ -63,7 +63,7 @@ def run_phase(src: Path, phase: Phase, work_dir: str | Path, overwrite: bool = F
         return dict(q, metrics=metrics, reused=True, path=str(out))
     if phase.spare:
         from .allocate import resolve_spare
-        phase, _ = resolve_spare(src, phase, work_dir, progress=print if progress else None)
+        phase = resolve_spare(src, phase, work_dir, progress=print if progress else None)
     result = quantize_checkpoint(src, out, phase, overwrite=out.exists(), progress=progress)
     return dict(result, reused=False, path=str(out))
 
