@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import textdata
+from .calibration import CalibrationError
 from .config import load_config
 from .fidelity import ModelOutputs, fidelity_report, model_outputs
 from .io import write_json_atomic
@@ -32,6 +33,8 @@ from .manifest import linear_targets
 from .model.load import load_transformer, model_weight_bytes
 from .model.textlm import TextLM, generate_greedy_ids
 from .phases import Phase
+from .quant.apply import QuantizeError
+from .quant.primitives import QuantError, SchemeError
 from .sizes import bf16_estimate, phase_estimate, phase_rule, spare_stand_in
 
 PROMPTS = ("The capital of France is", "The three primary colors are")
@@ -229,15 +232,8 @@ def _values_key(cfg, phase: Phase) -> tuple:
     return tuple(out)
 
 
-def _quantize_failures() -> tuple[type[Exception], ...]:
-    from .calibration import CalibrationError
-    from .quant.apply import QuantizeError
-    from .quant.primitives import QuantError, SchemeError
-    return (QuantError, SchemeError, QuantizeError, CalibrationError)
-
-
 #: What a phase can fail with on a given model and is reported as that phase's row (the rest propagates).
-QUANTIZE_FAILURES = _quantize_failures()
+QUANTIZE_FAILURES = (QuantError, SchemeError, QuantizeError, CalibrationError)
 
 
 def _evaluate_all(track: "TrainedTrack", phases: list[Phase], done: dict, progress=None, kind: str = "phase") -> list[dict]:
