@@ -344,3 +344,26 @@ def test_random_init_roundtrip(tmp_path, cfg, gdir, gold):
     write_codec_pth(model.state_dict(), tmp_path / "codec.pth")
     loaded = load_codec(tmp_path / "codec.pth", config=cfg)
     assert torch.equal(loaded.decode(codes), audio)
+
+
+@pytest.mark.parametrize("stride,cin,dilation", [(2, 4, 1), (4, 16, 1), (8, 8, 1), (8, 16, 1), (8, 32, 1), (3, 5, 2)])
+def test_strided_conv_route_equals_conv1d(stride, cin, dilation):
+    """The bf16 / fp16 CPU route of strided convs (windows x weight, one matmul) is F.conv1d: equal in float32,
+    within bf16 rounding of float32 in bfloat16 (torch's own bf16 strided conv1d is wrong for some of these shapes
+    on AMX CPUs, see codec.strided_conv_as_matmul)."""
+    g = torch.Generator().manual_seed(stride * 100 + cin)
+    k = 2 * stride
+    w, b = torch.randn(2 * cin, cin, k, generator=g), torch.randn(2 * cin, generator=g)
+    x = torch.randn(2, cin, 97 * stride + (k - 1) * dilation, generator=g)
+    ref = F.conv1d(x, w, b, stride=stride, dilation=dilation)
+    got = codec_mod.strided_conv_as_matmul(x, w, b, stride, dilation)
+    assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-4, rtol=1e-4)
+    low = codec_mod.strided_conv_as_matmul(x.bfloat16(), w.bfloat16(), b.bfloat16(), stride, dilation).float()
+    assert (low - ref).norm() < 0.01 * ref.norm()
+    conv = codec_mod.CausalConv1d(cin, 2 * cin, k, stride=stride, dilation=dilation, weight_norm=False)
+    with torch.no_grad():
+        conv.conv.weight.copy_(w)
+        conv.conv.bias.copy_(b)
+        y32 = conv(x)                                        # float32: F.conv1d
+        y16 = conv.bfloat16()(x.bfloat16()).float()          # the module's bf16 CPU route
+    assert y16.shape == y32.shape and (y16 - y32).norm() < 0.01 * y32.norm()

@@ -18,6 +18,7 @@ buffers: the RoPE table and the window mask are built per call, only as large as
 """
 from __future__ import annotations
 
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,8 @@ from torch import Tensor, nn
 from ..config import CodecConfig, CodecTransformerConfig
 from .dualar import RMSNorm, apply_rope
 from .dualar import rope_table as rope_rows
+
+log = logging.getLogger("fishlab.codec")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -100,7 +103,29 @@ class CausalConv1d(nn.Module):
         left = (self.kernel - 1) * self.dilation + 1 - s
         right = (-x.shape[-1]) % s
         x = F.pad(x, (left, right))
+        if s > 1 and self.groups == 1 and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+            return strided_conv_as_matmul(x, self.conv.weight, self.conv.bias, s, self.dilation)
         return F.conv1d(x, self.conv.weight, self.conv.bias, stride=s, dilation=self.dilation, groups=self.groups)
+
+
+_said = set()
+
+
+def strided_conv_as_matmul(x: Tensor, w: Tensor, bias: Tensor | None, stride: int, dilation: int = 1) -> Tensor:
+    """``F.conv1d(x, w, bias, stride, dilation)`` (groups 1, no padding) as windows of x times w: one matmul.
+
+    The route of strided convs in bf16 / fp16 on the CPU. torch 2.13's oneDNN (v3.12) computes some of them
+    wrongly on AMX machines (measured on an Intel Xeon with amx_bf16: relative error 1.0-1.2 for stride 4 with 16
+    input channels and stride 8 with 8 or 16, 0.003 elsewhere; the encoder's stride-8 block is one), and the
+    matmul route is right on every CPU. It costs a copy of the windows (kernel / stride times x)."""
+    if x.dtype not in _said:
+        _said.add(x.dtype)
+        log.info("fishlab: codec strided convs in %s on the CPU run as unfold + matmul (oneDNN's strided "
+                 "conv1d is wrong for some shapes on AMX CPUs)", str(x.dtype).replace("torch.", ""))
+    cout, cin, k = w.shape
+    cols = x.unfold(-1, (k - 1) * dilation + 1, stride)[..., ::dilation]     # [B, Cin, L_out, k]
+    y = torch.einsum("bclk,ock->bol", cols, w)
+    return y if bias is None else y + bias[:, None]
 
 
 class CausalConvTranspose1d(nn.Module):
