@@ -235,7 +235,7 @@ def memory_child(args) -> dict:
     rss_built = _proc_status("VmRSS")
     Decoder(model, args.prompt, 1).frame()
     r = routes(model)
-    route = sorted(r["counts"]) or ["bf16 F.linear"]
+    route = sorted(r["counts"]) or [r["float_route"].split(" ")[0]]
     return {"variant": args.variant, "weight_bytes": model_weight_bytes(model), "rss_start": rss0,
             "rss_built": rss_built, "peak_rss": _proc_status("VmHWM"), "build_s": build_s, "routes": route}
 

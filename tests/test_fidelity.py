@@ -22,7 +22,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 from fishlab.demo import build_demo_checkpoint
 from fishlab.fidelity import (allowed_ids, default_layer_groups, fidelity_report, kl_by_layer_group, kl_rows,
@@ -32,6 +31,7 @@ from fishlab.model.dualar import linear_names
 from fishlab.model.load import load_transformer
 from fishlab.phases import load_phases
 from fishlab.quant.apply import quantize_checkpoint
+from fishlab.quant.qlinear import Linear, QuantizedLinear
 
 # phases with `spare:` decide their kept linears per checkpoint (resolved and tested in test_allocate.py)
 PHASES = {p.name: p for p in load_phases() if not p.spare}
@@ -232,7 +232,7 @@ def test_layer_groups(base, qmodels, ref, reports, base_out):
     assert rows[-1]["fast_kl_mean"] == pytest.approx(full["fast_kl_mean"], rel=1e-9, abs=1e-12)
     # the base is restored afterwards
     assert {n: type(base.get_submodule(n)) for n in linear_names(base)} == names_before
-    assert all(type(base.get_submodule(n)) is nn.Linear for n in linear_names(base))
+    assert all(type(base.get_submodule(n)) is Linear for n in linear_names(base))      # the loader's float linear
     assert teacher_forced_kl(base, base, tokens, P)["slow_kl_mean"] == 0.0
     print("\n3b by layer group:", [(r["group"], round(r["slow_kl_mean"], 4), round(r["fast_kl_mean"], 4))
                                    for r in rows])
@@ -252,5 +252,5 @@ def test_layer_groups_skip_unquantized(base, qmodels, ref):
     assert rows[0]["linears"] == ["layers.0.attention.wqkv", "layers.0.attention.wo"]
     assert rows[1]["n_linears"] == 2
     with swapped_linears(base, q, ["layers.0.attention.wqkv"]):
-        assert type(base.get_submodule("layers.0.attention.wqkv")) is not nn.Linear
-    assert type(base.get_submodule("layers.0.attention.wqkv")) is nn.Linear
+        assert type(base.get_submodule("layers.0.attention.wqkv")) is QuantizedLinear
+    assert type(base.get_submodule("layers.0.attention.wqkv")) is Linear

@@ -1,6 +1,8 @@
-"""QuantizedLinear: every route equals the dequantized weight, routes are chosen per device and dtype with torch's
-own ops (no layout rebuilt by hand, nothing skipped because of the CPU's instruction set), memory is what the
-route holds. CUDA-only tests run the same checks as their CPU twins (the `device` parameter)."""
+"""QuantizedLinear: every route equals the dequantized weight, routes are chosen per device and dtype (fishlab's
+own CPU kernels, or torch's own ops: no torch layout rebuilt by hand, nothing skipped because of the CPU's
+instruction set), memory is what the route holds. Every test runs twice on the CPU: with the own kernels
+(`cpu_kernels` "own") and with them switched off ("torch": torch's ops, what a machine without a C compiler
+gets). CUDA-only tests run the same checks as their CPU twins (the `device` parameter)."""
 import logging
 
 import pytest
@@ -8,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fishlab.quant import cgemv
 from fishlab.quant import qlinear as ql
 from fishlab.quant.primitives import (
     FP8_ROW,
@@ -41,6 +44,27 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
                                                                 reason="no CUDA device (the cpu case is its twin)"))]
 
 
+@pytest.fixture(autouse=True, params=["own", "torch"])
+def cpu_kernels(request):
+    if request.param == "own":
+        assert cgemv.available(), f"fishlab's CPU kernels did not build: {cgemv.reason()}"
+        yield "own"
+    else:
+        with cgemv.disabled():
+            yield "torch"
+
+
+def _cpu_route(scheme, K, kernels):
+    """The bf16 CPU route of a [N % 16 == 0, K] linear under `scheme`."""
+    if scheme.method == "int" and scheme.bits == 8 and scheme.group_size is None:
+        return "int8_gemv" if kernels == "own" else "int8_mm"
+    if scheme.method == "int" and scheme.bits == 4:
+        if kernels == "own" and cgemv.int4_ok(K, scheme.group_size):
+            return "int4_gemv"
+        return "int4_mm"
+    return "dense"
+
+
 def _linear(out_f, in_f, bias=True, seed=0):
     torch.manual_seed(seed)
     return nn.Linear(in_f, out_f, bias=bias).to(torch.bfloat16).requires_grad_(False)
@@ -68,21 +92,28 @@ def test_forward_matches_dequant_reference(scheme, dtype, bias):
     torch.testing.assert_close(m2(x), _reference(x, qt, lin.bias), **TOL[dtype])
 
 
-def test_routes_on_cpu():
-    """bfloat16: INT8 per row -> int8_mm, INT4 g32..256 with N % 16 == 0 -> int4_mm (on every CPU torch runs:
-    the packed weight comes from torch's own conversion op). float32 / float16 (where the CPU kernels are
-    slower than a dense matmul) and every other scheme -> dense. None of this may depend on the ISA."""
+def test_routes_on_cpu(cpu_kernels):
+    """bfloat16: INT8 per row -> int8_gemv (own kernel) or int8_mm (torch); INT4 g32..256 -> int4_gemv when K %
+    128 == 0 (own kernel, any N), else int4_mm when N % 16 == 0 (torch's conversion op packs the weight).
+    float32 / float16 (where the CPU kernels are slower than a dense matmul) and every other scheme -> dense.
+    None of this may depend on the ISA."""
+    own = cpu_kernels == "own"
     bf = torch.randn(4, 384, dtype=torch.bfloat16)
     m8 = QuantizedLinear.from_float(_linear(96, 384), INT8_ROW)
-    assert m8.route(bf) == "int8_mm" and m8.route(bf.float()) == "dense" and m8.route(bf.half()) == "dense"
-    for s in (INT4_G128, Scheme("int", 4, 32), Scheme("int", 4, 64), Scheme("int", 4, 256, "bfloat16")):
+    assert m8.route(bf) == ("int8_gemv" if own else "int8_mm")
+    assert m8.route(bf.float()) == "dense" and m8.route(bf.half()) == "dense"
+    for s in (INT4_G128, Scheme("int", 4, 32), Scheme("int", 4, 64), Scheme("int", 4, 256, "bfloat16"),
+              Scheme("int", 4, 128, zero_point=True)):
         m4 = QuantizedLinear.from_float(_linear(96, 512), s, compute_dtype=torch.bfloat16)
-        assert m4.route_name == "int4_mm" and m4.layout == "cpu_int4pack", s.name
-    assert QuantizedLinear.from_float(_linear(40, 384), INT4_G128).route(bf) == "dense"     # N % 16 != 0
+        assert (m4.route_name, m4.layout) == (("int4_gemv", "generic") if own else ("int4_mm", "cpu_int4pack")), s.name
+    # N % 16 != 0: only the own kernel takes it; K % 128 != 0: only torch's (N % 16 == 0)
+    assert QuantizedLinear.from_float(_linear(40, 384), INT4_G128).route(bf) == ("int4_gemv" if own else "dense")
+    assert QuantizedLinear.from_float(_linear(32, 320), Scheme("int", 4, 64)).route(
+        torch.randn(1, 320).bfloat16()) == "int4_mm"
     assert QuantizedLinear.from_float(_linear(32, 200), INT4_G128).route(torch.randn(1, 200).bfloat16()) == "dense"
     for s in (FP8_ROW, INT3_G128, INT2_G64):
         assert QuantizedLinear.from_float(_linear(96, 384), s).route(bf) == "dense"
-    assert plan_route(INT4_G128, (96, 384), "cpu", torch.bfloat16) == "int4_mm"
+    assert plan_route(INT4_G128, (96, 384), "cpu", torch.bfloat16) == ("int4_gemv" if own else "int4_mm")
 
 
 def test_cuda_route_rule_on_cpu():
@@ -111,32 +142,39 @@ def test_tinygemm_input_format():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scheme", [INT8_ROW, INT4_G128, Scheme("int", 4, 64), FP8_ROW, INT3_G128,
                                     Scheme("int", 4, 128, zero_point=True)], ids=lambda s: s.name)
-def test_prepared_route_equals_dequantized_on_device(device, scheme):
+def test_prepared_route_equals_dequantized_on_device(device, scheme, cpu_kernels):
     """The route picked for bf16 on `device` vs F.linear with the dequantized weight: within bf16 noise for the
     weight-only kernels, within the activation-quantization error for fp8_scaled_mm (W8A8)."""
     lin = _linear(256, 512)
     qt = quantize_tensor("w", lin.weight, scheme).to(device)
     m = QuantizedLinear.from_qtensor(qt, lin.bias.to(device), compute_dtype=torch.bfloat16)
-    x = torch.randn(3, 512, device=device).bfloat16()
-    ref = _reference(x.float(), qt, lin.bias)
-    y = m(x).float()
-    rel = float((y - ref).norm() / ref.norm())
-    assert rel < (0.05 if m.route_name == "fp8_scaled_mm" else 0.01), (m.route_name, rel)
+    ref = None
+    for rows in (1, 3, cgemv.MAX_ROWS + 5):            # batch 1 and a few: the GEMV; more: the matmul fallback
+        x = torch.randn(rows, 512, device=device).bfloat16()
+        ref = _reference(x.float(), qt, lin.bias)
+        y = m(x).float()
+        rel = float((y - ref).norm() / ref.norm())
+        assert rel < (0.05 if m.route_name == "fp8_scaled_mm" else 0.01), (m.route_name, rows, rel)
     if device == "cpu":
-        assert m.route_name == {"int": {8: "int8_mm", 4: "int4_mm"}}.get(scheme.method, {}).get(scheme.bits, "dense")
+        assert m.route_name == _cpu_route(scheme, 512, cpu_kernels)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scheme", [INT8_ROW, INT4_G128, Scheme("int", 4, 32, "bfloat16")], ids=lambda s: s.name)
 def test_weight_only_kernels_exact_on_one_hot_input(device, scheme):
-    """One-hot bf16 rows recover W' column by column: the kernel's weight is q * bf16(scale), bit for bit."""
+    """One-hot bf16 rows recover W' column by column: torch's kernels' weight is q * bf16(scale), bit for bit;
+    the own kernels' is bf16(q * scale) (float32 scales, one rounding), bit for bit, one row at a time (the GEMV);
+    with more rows int4_gemv dequantizes the same way for a matmul and int8_gemv takes torch's op."""
     lin = _linear(64, 256)
     qt = quantize_tensor("w", lin.weight, scheme).to(device)
     m = QuantizedLinear.from_qtensor(qt, compute_dtype=torch.bfloat16)
     assert m.route_name in ql.KERNEL_ROUTES
     eye = torch.eye(256, dtype=torch.bfloat16, device=device)
-    expect = dequantize(qt.unpack(), qt.scale.to(torch.bfloat16), scheme.group_size, torch.bfloat16)
-    assert torch.equal(m(eye).t(), expect)
+    own = dequantize(qt.unpack(), qt.scale, scheme.group_size, torch.bfloat16)
+    torchs = dequantize(qt.unpack(), qt.scale.to(torch.bfloat16), scheme.group_size, torch.bfloat16)
+    if m.route_name in ("int8_gemv", "int4_gemv"):
+        assert torch.equal(torch.cat([m(eye[i:i + 1]) for i in range(256)]).t(), own)
+    assert torch.equal(m(eye).t(), own if m.route_name == "int4_gemv" else torchs)
 
 
 @pytest.mark.parametrize("shape,scheme",
@@ -177,10 +215,11 @@ def test_to_qtensor_roundtrip_and_dequantized_weight(scheme, dtype):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
-def test_memory_is_what_the_route_holds(scheme):
+def test_memory_is_what_the_route_holds(scheme, cpu_kernels):
     """Unprepared: packed stream + scales only. Prepared for bf16: a kernel route adds only its scale operand
-    (int4: scales-and-zeros, 2 bf16 per group); the dense route adds the dequantized bf16 weight, and nothing
-    else holds a float copy."""
+    (int4_mm: scales-and-zeros, 2 bf16 per group; int4_gemv: float32 scale * (zero + 128) per group, and the
+    scales as float32 unless stored so; int8_gemv: float32 row scales unless stored so); the dense route adds
+    the dequantized bf16 weight, and nothing else holds a float copy."""
     lin = _linear(256, 1024, bias=False)
     qt = quantize_tensor("w", lin.weight, scheme)
     m = QuantizedLinear.from_qtensor(qt)
@@ -188,29 +227,35 @@ def test_memory_is_what_the_route_holds(scheme):
     assert m.nbytes() == qt.nbytes()
     route = m.prepare(torch.bfloat16)
     bf16_bytes = 256 * 1024 * 2
-    assert m.nbytes() == sum(b.numel() * b.element_size() for b in m.buffers())
+    storages = {b.untyped_storage().data_ptr(): b.numel() * b.element_size() for b in m.buffers()}
+    assert m.nbytes() == sum(storages.values())
     if route == "dense":
         assert m.nbytes() == qt.nbytes() + bf16_bytes and m.kscale is None
     else:
-        extra = 256 * 2 if route == "int8_mm" else 256 * (1024 // scheme.group_size) * 2 * 2
+        own_scale = 0 if scheme.scale_dtype in ("float32", torch.float32) else 4     # a float32 copy of the scales
+        extra = {"int8_mm": 256 * 2, "int8_gemv": 256 * own_scale,
+                 "int4_mm": 256 * (1024 // (scheme.group_size or 1)) * 2 * 2,
+                 "int4_gemv": 256 * (1024 // (scheme.group_size or 1)) * (4 + own_scale)}[route]
         assert m.nbytes() == qt.nbytes() + extra and m.w_dense is None
         if scheme.bits == 4:
             qparam_bits = 96 if scheme.zero_point else 64       # scale (+ zero) + kscale, per group
+            if route == "int4_gemv":
+                qparam_bits += 32 + 8 * own_scale
             assert m.nbytes() < (4 + qparam_bits / scheme.group_size) / 16 * bf16_bytes + 1
-    assert route == ("int8_mm" if scheme in (INT8_ROW, Scheme("int", 8, None, "float16")) else
-                     "int4_mm" if scheme.bits == 4 else "dense")
+    assert route == _cpu_route(scheme, 1024, cpu_kernels)
 
 
 def test_nbytes_counts_bias():
     lin = _linear(64, 256, bias=True)
-    m = QuantizedLinear.from_float(lin, INT4_G128)
+    m = QuantizedLinear.from_float(lin, INT4_G128)      # unprepared: packed weight, float32 scales, bf16 bias
     assert m.nbytes() == 64 * 256 // 2 + 64 * 2 * 4 + 64 * 2
 
 
-def test_module_casts_keep_scale_dtype_and_re_prepare():
+def test_module_casts_keep_scale_dtype_and_re_prepare(cpu_kernels):
     lin = _linear(64, 256)
     m = QuantizedLinear.from_float(lin, INT4_G128, compute_dtype=torch.bfloat16)
-    assert m.route_name == "int4_mm" and m.layout == "cpu_int4pack"
+    bf16_route = _cpu_route(INT4_G128, 256, cpu_kernels)
+    assert m.route_name == bf16_route and m.layout == ("generic" if bf16_route == "int4_gemv" else "cpu_int4pack")
     qt = m.to_qtensor()
     s = m.scale.clone()
     m.to(torch.float16)                                   # re-prepared for fp16: dense on the CPU
@@ -220,7 +265,7 @@ def test_module_casts_keep_scale_dtype_and_re_prepare():
     ref = F.linear(x, dequantize_tensor(qt, torch.float32).half(), m.bias)
     torch.testing.assert_close(m(x), ref, rtol=2e-2, atol=5e-2)
     m.to(torch.bfloat16)
-    assert m.route_name == "int4_mm" and torch.equal(m.to_qtensor().qdata, qt.qdata)
+    assert m.route_name == bf16_route and torch.equal(m.to_qtensor().qdata, qt.qdata)
 
 
 def test_other_dtype_than_prepared_is_logged_and_correct(caplog):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -33,8 +34,8 @@ from fishlab.model.dualar import DualARTransformer
 from fishlab.model.load import (CheckpointError, build_transformer, is_quantized_checkpoint, load_transformer,
                                 model_weight_bytes, routes)
 from fishlab.phases import load_phase, load_phases
-from fishlab.quant.apply import dequantized_state_dict, quantize_checkpoint
-from fishlab.quant.qlinear import QuantizedLinear
+from fishlab.quant.apply import dequantized_state_dict, quantize_checkpoint, scheme_of
+from fishlab.quant.qlinear import QuantizedLinear, plan_route
 
 # phases with `spare:` decide their kept linears per checkpoint (resolved and tested in test_allocate.py)
 PHASES = {p.name: p for p in load_phases() if not p.spare}
@@ -247,18 +248,23 @@ def test_resident_memory_falls(base_dir, qdirs, cfg):
                     assert got[c] < 0.3 * base[c], (name, c)      # 4 bits + fp32 scale per 128 = 4.25/16
             else:
                 assert got[c] == base[c], (name, c)
-        # the packed bytes are what the checkpoint describes (qdata + scales) plus the kernels' scale operands
-        # (bf16: [N] for int8_mm, [K/g, N, 2] for int4_mm), nothing dequantized
+        # the packed bytes are what the checkpoint describes (qdata + fp32 scales) plus the kernels' scale
+        # operands (int8_mm: bf16 [N]; int4_mm: bf16 [K/g, N, 2]; int8_gemv: the fp32 scales themselves;
+        # int4_gemv: fp32 scale * (zero + 128) [N, K/g]), nothing dequantized
         qinfo = json.loads((qdirs[name] / spec.QUANT_FILE).read_text())
         described = sum(d["qdata_nbytes"] + math.prod(d["scale_shape"]) * 4 for d in qinfo["tensors"].values())
-        operands = sum(math.prod(d["scale_shape"]) * 2 * (1 if ph.bits == 8 else 2) for d in qinfo["tensors"].values())
+        per_scale = {"int8_mm": 2, "int4_mm": 4, "int8_gemv": 0, "int4_gemv": 4}
+        mods = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+        operands = sum(per_scale[m.route_name] * m.scale.numel() for m in mods.values())
         assert got["quantized_linears"] == described + operands and got["dense_fallback"] == 0
-        assert set(routes(model)["counts"]) == {"int8_mm" if ph.bits == 8 else "int4_mm"}
+        expect = {plan_route(m.scheme, (m.out_features, m.in_features), "cpu", torch.bfloat16) for m in mods.values()}
+        assert set(routes(model)["counts"]) == expect
+        assert expect <= ({"int8_gemv", "int8_mm"} if ph.bits == 8 else {"int4_gemv", "int4_mm"})
         names = {hf_to_internal(s.name)[: -len(".weight")] for s in linear_targets(cfg, ph.target)}
         floats = [n for n, p in model.named_parameters() if n.rsplit(".", 1)[0] in names]
         assert not floats, f"float copies of quantized linears held: {floats[:3]}"
         assert not any(b.is_floating_point() and b.numel() >= 1024 for n, b in model.named_buffers()
-                       if n.rsplit(".", 1)[0] in names and not n.endswith((".scale", ".kscale")))
+                       if n.rsplit(".", 1)[0] in names and not n.endswith((".scale", ".kscale", ".kzero")))
 
 
 def test_routes_are_logged_once_and_reported(qdirs, cfg, caplog):
@@ -272,10 +278,16 @@ def test_routes_are_logged_once_and_reported(qdirs, cfg, caplog):
         qb = load_transformer(qdirs["1b"], dtype=torch.bfloat16)
         q32 = load_transformer(qdirs["1b"], dtype=torch.float32)
     msgs = [r for r in caplog.records if r.name == "fishlab.model"]
-    assert len(msgs) == 2 and "int4_mm %d" % n_targets in msgs[0].getMessage()
+    # the own kernel where K fits it (K % 128 == 0), else torch's
+    expect = Counter(plan_route(scheme_of(ph), tuple(t.shape), "cpu", torch.bfloat16)
+                     for t in linear_targets(cfg, ph.target))
+    assert set(expect) <= {"int4_gemv", "int4_mm"} and sum(expect.values()) == n_targets
+    assert len(msgs) == 2 and all(f"{r} {n}" in msgs[0].getMessage() for r, n in expect.items())
     assert msgs[1].levelno == logging.WARNING and "dense fallback" in msgs[1].getMessage()
     rb, r32 = routes(qb), routes(q32)
-    assert rb["counts"] == {"int4_mm": n_targets} and rb["dense_fallback_bytes"] == 0 and rb["dtype"] == "bfloat16"
+    assert rb["counts"] == dict(expect) and rb["dense_fallback_bytes"] == 0 and rb["dtype"] == "bfloat16"
+    assert rb["float_route"].startswith("bf16_gemv") and r32["float_route"] == "F.linear"
+    assert rb["cpu_kernels"] in ("avx512_bf16", "c")
     assert rb["float"] == len(rb["linears"]) - n_targets
     dense = sum(math.prod(s.shape) * 4 for s in linear_targets(cfg, ph.target))
     assert r32["counts"] == {"dense": n_targets} and r32["dense_fallback_bytes"] == dense

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import DualARConfig
+from ..quant.qlinear import float_linear
 
 __all__ = [
     "RMSNorm", "QKNorm", "rope_table", "apply_rope", "KVCache", "Attention", "FeedForward", "TransformerBlock",
@@ -493,7 +494,7 @@ class DualARTransformer(nn.Module):
             return F.linear(h, w)
         cfg = self.cfg
         lo, hi, eos = cfg.semantic_begin_id, cfg.semantic_end_id, cfg.eos_token_id
-        sem = F.linear(h, w[lo: hi + 1])
+        sem = float_linear(h, w[lo: hi + 1])              # contiguous rows: fishlab's GEMV when decoding
         if lo <= eos <= hi:
             return sem
         e = F.linear(h, w[eos: eos + 1])

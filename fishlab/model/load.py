@@ -37,7 +37,8 @@ from ..checkpoint import CheckpointError, load_transformer_state_dict
 from ..config import DualARConfig, TextLMConfig, load_transformer_config
 from ..manifest import hf_to_internal
 from ..quant.primitives import QTensor, QuantError, SchemeError, dequantize_tensor
-from ..quant.qlinear import QuantizedLinear
+from ..quant import cgemv
+from ..quant.qlinear import Linear, QuantizedLinear
 from .dualar import TORCH_DTYPES, DualARTransformer, KVCache, linear_names, replace_linears
 from .textlm import TextLM
 
@@ -58,7 +59,7 @@ def linear_from_tensors(name: str, tensors: dict[str, Tensor | QTensor]) -> nn.M
     w = tensors["weight"]
     if isinstance(w, QTensor):
         return QuantizedLinear.from_qtensor(w)
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+    lin = Linear(w.shape[1], w.shape[0], bias=False, device="meta")
     lin.weight = nn.Parameter(w, requires_grad=False)
     return lin
 
@@ -128,19 +129,25 @@ def prepare_linears(model: nn.Module, dtype: torch.dtype | None = None, source: 
         if isinstance(m, QuantizedLinear):
             m.prepare(dtype)
     r = routes(model)
+    floats = f"; {r['float']} float linears: {r['float_route']}" if r["float"] else ""
     if r["quantized"]:
         level = logging.WARNING if r["dense_fallback_bytes"] else logging.INFO
-        log.log(level, "fishlab: %s: %s linears on %s, %s activations: %s%s", source, r["quantized"], r["device"],
+        log.log(level, "fishlab: %s: %s linears on %s, %s activations: %s%s%s", source, r["quantized"], r["device"],
                 r["dtype"], ", ".join(f"{k} {v}" for k, v in sorted(r["counts"].items())),
                 f" (dense fallback holds {r['dense_fallback_bytes'] / 2**20:.1f} MiB of dequantized weights)"
-                if r["dense_fallback_bytes"] else "")
+                if r["dense_fallback_bytes"] else "", floats)
+    elif r["float"]:
+        log.info("fishlab: %s: %s float linears on %s, %s: %s", source, r["float"], r["device"], r["dtype"],
+                 r["float_route"])
     return r
 
 
 def routes(model: nn.Module) -> dict:
     """How the model's linears run, for reports: {"counts": {route: n} over quantized linears, "linears":
     {name: route} (plain nn.Linear = "float"), "quantized": n, "float": n, "dense_fallback_bytes": bytes of
-    weights held dequantized because no kernel fits (the memory the fallback costs), "device", "dtype"}."""
+    weights held dequantized because no kernel fits (the memory the fallback costs), "float_route" (how the
+    float linears run: fishlab's bf16 GEMV for decoding on the CPU, or F.linear), "cpu_kernels" (fishlab's own
+    CPU kernels: their instruction set, or why they are off), "device", "dtype"}."""
     per = {}
     dense = 0
     for name, m in model.named_modules():
@@ -153,8 +160,12 @@ def routes(model: nn.Module) -> dict:
     counts = Counter(v for v in per.values() if v != "float")
     dev = getattr(model, "device", None)
     dt = getattr(model, "dtype", None)
+    gemv = (str(dev) == "cpu" and dt == torch.bfloat16 and cgemv.available()
+            and any(isinstance(m, Linear) for m in model.modules()))
     return {"counts": dict(counts), "linears": per, "quantized": sum(counts.values()),
             "float": sum(1 for v in per.values() if v == "float"), "dense_fallback_bytes": dense,
+            "float_route": f"bf16_gemv up to {cgemv.MAX_ROWS} rows, else F.linear" if gemv else "F.linear",
+            "cpu_kernels": cgemv.isa() if cgemv.available() else f"off ({cgemv.reason()})",
             "device": str(dev) if dev is not None else None,
             "dtype": str(dt).replace("torch.", "") if dt is not None else None}
 

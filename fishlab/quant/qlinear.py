@@ -7,6 +7,11 @@ up). Every route computes ``F.linear(x, W')`` with ``W'`` the dequantized weight
 ==================  ======  =====================================================================================
 route               device  what runs
 ==================  ======  =====================================================================================
+``int8_gemv``       cpu     INT8 per row, fishlab's own kernel (`fishlab.quant.cgemv`) on the generic INT8
+                            stream, float32 scales; more than ``cgemv.MAX_ROWS`` rows: ``_weight_int8pack_mm``.
+``int4_gemv``       cpu     INT4 grouped (groups a power of two >= 32, K % 128 == 0, symmetric or zero-point),
+                            fishlab's own kernel on the generic INT4 stream (no re-pack); more rows than
+                            ``cgemv.MAX_ROWS``: the weight dequantized by the kernel for that call + ``F.linear``.
 ``int8_mm``         cpu,    INT8 per row: ``aten._weight_int8pack_mm(x, w_int8 [N, K], scales [N])``; the generic
                     cuda    packed INT8 stream *is* that row-major int8 matrix (a zero-copy view).
 ``int4_mm``         cpu     INT4, groups 32..256 dividing K, N % 16 == 0: the weight is packed by torch's own
@@ -25,7 +30,9 @@ route               device  what runs
                             with a warning, when a prepared module sees another dtype or device).
 ==================  ======  =====================================================================================
 
-The activation dtype matters on the CPU: the int8 / int4 kernels are fast in bfloat16 only. Measured on a 2-core
+On the CPU the own kernels (``*_gemv``) are taken when they built (a C compiler is needed, see
+`fishlab.quant.cgemv`); otherwise torch's ops, and the reason is logged once. The activation dtype matters on the
+CPU: the int8 / int4 kernels are fast in bfloat16 only. Measured on a 2-core
 AVX-512 machine, batch 1, 9728 x 2560 (ms): bf16 dense 2.66, int8_mm 1.08, int4_mm 0.67; float32 dense 5.93,
 int8_mm 13.2, int4_mm 21.8; float16 dense 1.31, int8_mm 14.8, int4_mm 24.3. So on the CPU the kernels are the
 route for bfloat16 activations, and float32 / float16 models take ``dense``.
@@ -48,15 +55,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cgemv
 from . import pack as _pack
 from .primitives import FP8_MAX, QTensor, Scheme, dequantize, quantize_tensor
 
-__all__ = ["QuantizedLinear", "plan_route", "cuda_route", "tinygemm_input", "ROUTES", "KERNEL_ROUTES"]
+__all__ = ["QuantizedLinear", "Linear", "float_linear", "float_route", "plan_route", "cuda_route", "tinygemm_input", "ROUTES", "KERNEL_ROUTES"]
 
 log = logging.getLogger("fishlab.qlinear")
 
-ROUTES = ("int8_mm", "int4_mm", "int4_tinygemm", "fp8_scaled_mm", "dense", "dequant")
-KERNEL_ROUTES = ("int8_mm", "int4_mm", "int4_tinygemm", "fp8_scaled_mm")
+ROUTES = ("int8_gemv", "int4_gemv", "int8_mm", "int4_mm", "int4_tinygemm", "fp8_scaled_mm", "dense", "dequant")
+KERNEL_ROUTES = ("int8_gemv", "int4_gemv", "int8_mm", "int4_mm", "int4_tinygemm", "fp8_scaled_mm")
 
 LAYOUT_GENERIC = "generic"
 LAYOUT_CPU_INT4PACK = "cpu_int4pack"      # aten._convert_weight_to_int4pack_for_cpu output
@@ -124,6 +132,12 @@ def plan_route(scheme: Scheme, shape: tuple, device: torch.device | str, dtype: 
     if device.type == "cpu":
         if dtype != torch.bfloat16:        # the CPU kernels are slower than a dense matmul in fp32 / fp16
             return "dense"
+        own = cgemv.available()
+        if own and _is_int8_row(scheme) and _op_works("int8_mm", device, dtype):
+            return "int8_gemv"
+        if (own and scheme.method == "int" and scheme.bits == 4 and scheme.group_size is not None
+                and cgemv.int4_ok(K, scheme.group_size)):
+            return "int4_gemv"
         if _is_int8_row(scheme) and _op_works("int8_mm", device, dtype):
             return "int8_mm"
         if _is_int4_grouped(scheme, N, K, 16) and _op_works("int4_mm", device, dtype):
@@ -233,6 +247,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scale", qt.scale)
         self.register_buffer("zero", qt.zero)                     # zero points of a zero-point scheme, else None
         self.register_buffer("kscale", None, persistent=False)
+        self.register_buffer("kzero", None, persistent=False)             # int4_gemv: scale * (zero + 128)
         self.register_buffer("w_dense", None, persistent=False)
         if bias is not None:
             if tuple(bias.shape) != (self.out_features,):
@@ -268,7 +283,14 @@ class QuantizedLinear(nn.Module):
         dev = self.qdata.device
         N, K = self.out_features, self.in_features
         route = plan_route(self.scheme, (N, K), dev, dtype) if self.use_kernels else "dequant"
-        if route == "int8_mm":
+        if route == "int8_gemv":                                      # float32 scales (a view when stored so)
+            self.kscale = self.scale.reshape(N).to(torch.float32).contiguous()
+        elif route == "int4_gemv":                                    # [N, K/g] float32 scale, scale*(zero+128)
+            s = self.scale.to(torch.float32).contiguous()
+            z = 8.0 if self.zero is None else self.zero.to(torch.float32)
+            self.kscale = s
+            self.kzero = (s * (z + 128.0)).contiguous()
+        elif route == "int8_mm":
             self.kscale = self.scale.reshape(N).to(dtype)
         elif route in ("int4_mm", "int4_tinygemm"):
             q = self._q()
@@ -293,6 +315,7 @@ class QuantizedLinear(nn.Module):
             self.qdata = _pack.pack(self._q(), 4, check=False)
             self.layout = LAYOUT_GENERIC
         self.kscale = None
+        self.kzero = None
         self.w_dense = None
         self.compute_dtype = self.route_name = None
 
@@ -329,8 +352,15 @@ class QuantizedLinear(nn.Module):
 
     def nbytes(self) -> int:
         """Bytes held by this module: packed weight, scales, bias, and the prepared route's operands
-        (``kscale``, or ``w_dense`` for the dense route)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        (``kscale``, ``kzero``, or ``w_dense`` for the dense route); a buffer that is a view of another (float32
+        scales used as they are stored) counts once."""
+        seen, total = set(), 0
+        for b in self.buffers():                   # a kernel operand may be a view of the stored scales
+            key = b.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += b.numel() * b.element_size()
+        return total
 
     # -- forward --------------------------------------------------------------------
 
@@ -353,7 +383,20 @@ class QuantizedLinear(nn.Module):
         x2 = x.reshape(-1, K)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        if route == "int8_mm":
+        few = x2.shape[0] <= cgemv.MAX_ROWS
+        if route == "int8_gemv":
+            q = self.qdata.view(torch.int8).view(N, K)
+            y = cgemv.linear_int8(x2, q, self.kscale) if few else \
+                torch.ops.aten._weight_int8pack_mm(x2, q, self.kscale.to(x2.dtype))
+        elif route == "int4_gemv":
+            g = self.scheme.group_size
+            if few:
+                y = cgemv.linear_int4(x2, self.qdata, self.kscale, self.kzero, N, K, g)
+            else:                                                     # compute-bound: dequantize for this call
+                z = self.zero.to(torch.float32).contiguous() if self.zero is not None \
+                    else torch.full_like(self.kscale, 8.0)
+                y = F.linear(x2, cgemv.dequant_int4(self.qdata, self.kscale, z, N, K, g))
+        elif route == "int8_mm":
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qdata.view(torch.int8).view(N, K), self.kscale)
         elif route == "fp8_scaled_mm":
             y = _fp8_mm(x2, self.qdata.view(torch.float8_e4m3fn).view(N, K), self.kscale)
@@ -384,3 +427,32 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}, "
                 f"route={self.route_name}, layout={self.layout}, bias={self.bias is not None}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# float linears: the same batch-1 rule for plain bf16 weights
+# ----------------------------------------------------------------------------------------------------
+
+def float_route(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> str:
+    """"bf16_gemv" (fishlab's own kernel) for bf16 x with at most `cgemv.MAX_ROWS` rows and a row-contiguous
+    bf16 weight on the CPU, no bias, kernels built; else "F.linear"."""
+    if (bias is None and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and w.device.type == "cpu" and w.dim() == 2 and w.stride(1) == 1 and w.stride(0) == w.shape[1]
+            and x.numel() <= cgemv.MAX_ROWS * w.shape[1] and cgemv.available()):
+        return "bf16_gemv"
+    return "F.linear"
+
+
+def float_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, w, bias)``, through fishlab's bf16 GEMV where `float_route` says so (decode on the CPU)."""
+    if float_route(x, w, bias) == "bf16_gemv":
+        return cgemv.linear_bf16(x, w)
+    return F.linear(x, w, bias)
+
+
+class Linear(nn.Linear):
+    """The model's float linear: an ``nn.Linear`` (same parameters and state dict) whose forward is
+    `float_linear`, so a bf16 model decoding on the CPU reads its weights at memory speed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return float_linear(x, self.weight, self.bias)
