@@ -5,7 +5,8 @@
 
 (a) floor: the same bytes read (every tensor, with the reader quantize uses) and the same number of bytes
     written (same plan, same streaming writer, same shard count), no quantization;
-(b) the phase, with and without metrics, each in a fresh subprocess: wall time and peak RSS (VmHWM);
+(b) the phase, with and without metrics, each in a fresh subprocess: wall time and peak RSS (VmHWM), and peak
+    VRAM with --device cuda (every target tensor quantized and measured on the GPU);
     --metrics-threads 1 2 runs the with-metrics case once per number of measuring threads.
 With --cold (default) the input shards are dropped from the page cache (posix_fadvise DONTNEED) before each
 measurement, so every run reads from disk. Outputs go beside --out (default: beside the checkpoint) and are
@@ -75,20 +76,27 @@ from fishlab.quant import apply
 from fishlab.quant.apply import quantize_checkpoint
 if sys.argv[6] != "default":
     apply.METRICS_THREADS = int(sys.argv[6])
+device = None if sys.argv[7] == "cpu" else sys.argv[7]
 t0 = time.perf_counter()
-r = quantize_checkpoint(sys.argv[2], sys.argv[3], load_phase(sys.argv[4]), with_metrics=sys.argv[5] == "1")
+r = quantize_checkpoint(sys.argv[2], sys.argv[3], load_phase(sys.argv[4]), with_metrics=sys.argv[5] == "1",
+                        device=device)
 os.sync()
 wall = time.perf_counter() - t0
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+vram = None
+if device is not None and device.startswith("cuda"):
+    import torch
+    vram = torch.cuda.max_memory_allocated()
 print(json.dumps({"wall": wall, "vmhwm_kb": int(hwm), "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  "measured_bytes": r["measured_bytes"], "predicted": r["predicted"]["total"],
-                  "tensors": len(r["tensors"])}))
+                  "peak_vram_bytes": vram, "measured_bytes": r["measured_bytes"],
+                  "predicted": r["predicted"]["total"], "tensors": len(r["tensors"])}))
 """
 
 
-def run_phase(ckpt: Path, phase_arg: str, out: Path, metrics: bool, metrics_threads: str = "default") -> dict:
+def run_phase(ckpt: Path, phase_arg: str, out: Path, metrics: bool, metrics_threads: str = "default",
+              device: str = "cpu") -> dict:
     p = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(ckpt), str(out), phase_arg, "1" if metrics else "0",
-                        metrics_threads],
+                        metrics_threads, device],
                        capture_output=True, text=True)
     if p.returncode:
         raise SystemExit(f"quantize failed:\n{p.stderr}")
@@ -105,6 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--metrics-threads", nargs="*", default=["default"],
                     help="with-metrics runs with these fishlab.quant.apply.METRICS_THREADS values, side by side "
                          "(default: the module's)")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu: the streaming CPU path; cuda: each target tensor quantized and measured on the GPU")
     a = ap.parse_args(argv)
     ckpt = a.checkpoint.resolve()
     phase = load_phase(a.phase)
@@ -118,7 +128,7 @@ def main(argv=None) -> int:
             s = floor(ckpt, phase, scratch / "floor")
             out_b = sum(f.stat().st_size for f in (scratch / "floor").iterdir())
             shutil.rmtree(scratch / "floor")
-            rows.append(("floor (read + write, no quant)", s, None, out_b))
+            rows.append(("floor (read + write, no quant)", s, None, out_b, None))
             print(f"floor: {s:.1f} s, read {in_bytes / 1e9:.2f} GB, wrote {out_b / 1e9:.2f} GB", flush=True)
         runs = [("phase, no metrics", False, "default")] + [
             (f"phase, with metrics{'' if t == 'default' else f' ({t} measuring threads)'}", True, t)
@@ -127,19 +137,20 @@ def main(argv=None) -> int:
             if ("metrics" if metrics else "nometrics") in a.skip:
                 continue
             a.warm or drop_cache(ckpt)
-            r = run_phase(ckpt, a.phase, scratch / "q", metrics, threads)
+            r = run_phase(ckpt, a.phase, scratch / "q", metrics, threads, a.device)
             shutil.rmtree(scratch / "q")
-            rows.append((name, r["wall"], r["vmhwm_kb"] / 1e6 * 1.024, r["measured_bytes"]))
+            rows.append((name, r["wall"], r["vmhwm_kb"] / 1e6 * 1.024, r["measured_bytes"], r["peak_vram_bytes"]))
             print(f"{name}: {json.dumps(r)}", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     fl = next((r[1] for r in rows if r[0].startswith("floor")), None)
     print(f"\nphase {phase.label}, input {in_bytes / 1e9:.2f} GB, {os.cpu_count()} cores, torch threads "
-          f"{torch.get_num_threads()}, {'warm' if a.warm else 'cold'} page cache")
-    print(f"| run | seconds | x floor | peak RSS GB | written GB |\n|---|---|---|---|---|")
-    for name, s, rss, b in rows:
+          f"{torch.get_num_threads()}, {'warm' if a.warm else 'cold'} page cache, quantized on {a.device}")
+    print(f"| run | seconds | x floor | peak RSS GB | peak VRAM GB | written GB |\n|---|---|---|---|---|---|")
+    for name, s, rss, b, vram in rows:
         ratio = f"{s / fl:.2f}" if fl else "-"
-        print(f"| {name} | {s:.1f} | {ratio} | {'-' if rss is None else f'{rss:.2f}'} | {b / 1e9:.2f} |")
+        print(f"| {name} | {s:.1f} | {ratio} | {'-' if rss is None else f'{rss:.2f}'} | "
+              f"{'-' if vram is None else f'{vram / 1e9:.2f}'} | {b / 1e9:.2f} |")
     return 0
 
 

@@ -4,6 +4,10 @@ end-to-end INT4 TTS, codec in bf16/fp16 vs fp32. Prints one table and writes JSO
     .venv/bin/python benchmarks/make_fullsize.py --out /tmp/s2pro-synthetic      # 9.1 GB, once
     .venv/bin/python benchmarks/gpu_check.py --checkpoint /tmp/s2pro-synthetic --json gpu_check.json
     .venv/bin/python benchmarks/gpu_check.py --device cpu --small                # CI: the demo checkpoint
+    bash benchmarks/gpu_session.sh OUTDIR       # on a lent GPU machine: checkpoint + this + the other CUDA checks
+
+With --json the file is rewritten after every row (`"complete": false` until the end), so a run stopped at a
+time limit keeps what it measured; an exception in one route or variant is a FAILED row and the rest still runs.
 
 Sections (rows of the table; `ok` is False for a failed check, and the exit code is 1 when any check fails):
 
@@ -11,13 +15,14 @@ Sections (rows of the table; `ok` is False for a failed check, and the exit code
    `plan_route` picks, its relative error vs F.linear with the dequantized weight (batch 1 and 8; <= 1% for the
    weight-only routes, <= 5% for fp8_scaled_mm, which also quantizes the activation), and its time vs a dense
    bf16 linear of the same shape.
-2. decode: variants bf16 / int8 (every linear INT8 per row) / int4 (every linear INT4 g128), each built from the
-   checkpoint on the device (linears quantized there with fishlab's primitives): greedy frames/s eager and
-   compiled (`generate(compile=True)`: torch.compile reduce-overhead, CUDA graphs), whether both give the same
-   frames and the share of equal codes (bf16 greedy frames may part after a near tie: inductor rounds fused
-   bf16 chains differently), the check being the compiled steps' logits vs eager from the same state
-   (`step_rel_err` <= STEP_TOL), peak VRAM. On CUDA the static decode steps also run under torch.cuda.set_sync_debug_mode("error")
-   (a host synchronisation inside a step fails the check).
+2. decode: variants bf16 / int8 (every linear INT8 per row) / int4 (every linear INT4 g128; --variants sets which
+   and in what order), each built from the checkpoint on the device (linears quantized there with fishlab's
+   primitives): greedy frames/s (prefill included) eager and compiled (`generate(compile=True)`: torch.compile
+   reduce-overhead, CUDA graphs), whether both give the same frames and the share of equal codes (bf16 greedy
+   frames may part after a near tie: inductor rounds fused bf16 chains differently), the check being the
+   compiled steps' logits vs eager from the same state (`step_rel_err` <= STEP_TOL), peak VRAM. On CUDA the
+   static decode steps also run under torch.cuda.set_sync_debug_mode("error") (a host synchronisation inside a
+   step fails the check).
 3. tts: the int4 variant with a codec on the device (the checkpoint's codec.pth, else synthetic weights of the
    config's codec: S2 Pro's is 391M parameters), sampled generation + codec decode: peak VRAM (goal < 6 GB on
    the full-size model).
@@ -27,7 +32,6 @@ Sections (rows of the table; `ok` is False for a failed check, and the exit code
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -53,15 +57,28 @@ STEP_TOL = {"torch.float32": 1e-4, "torch.bfloat16": 0.06, "torch.float16": 0.01
 
 
 class Table:
-    def __init__(self):
+    """The rows so far; with a JSON path, the file is rewritten (atomically) after every row, so a run stopped
+    part-way (a time limit) still leaves what it measured, marked `"complete": false`."""
+
+    def __init__(self, json_path: Path | None = None, info: dict | None = None, t0: float | None = None):
         self.rows: list[dict] = []
+        self.json_path, self.info, self.t0 = json_path, info or {}, t0 or time.perf_counter()
 
     def add(self, section: str, item: str, ok: bool | None = None, **values) -> dict:
         r = {"section": section, "item": item, "ok": ok, **values}
         self.rows.append(r)
         shown = ", ".join(f"{k} {_fmt(v)}" for k, v in values.items())
         print(f"  [{section}] {item}: {shown}{'' if ok is None else ('  ok' if ok else '  FAILED')}", flush=True)
+        self.write(complete=False)
         return r
+
+    def write(self, complete: bool) -> None:
+        if self.json_path is None:
+            return
+        from fishlab.io import write_json_atomic
+        failed = sum(r["ok"] is False for r in self.rows)
+        write_json_atomic(self.json_path, {"info": self.info, "wall_s": time.perf_counter() - self.t0,
+                                           "complete": complete, "rows": self.rows, "failed": failed})
 
     def print(self) -> None:
         print(f"\n| section | item | result | check |\n|---|---|---|---|")
@@ -110,24 +127,32 @@ def peak_bytes(device: torch.device) -> int | None:
 
 @torch.inference_mode()
 def check_routes(table: Table, device: torch.device, N: int, K: int) -> None:
-    from fishlab.quant.qlinear import QuantizedLinear
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(N, K, generator=g) * K ** -0.5).to(torch.bfloat16)
     dense = w.to(device)
     x8 = torch.randn(8, K, generator=g).to(device=device, dtype=torch.bfloat16)
     t_dense = timed(lambda: F.linear(x8[:1], dense), device)
     for name, scheme in SCHEMES.items():
-        qt = quantize_tensor(name, w, scheme).to(device)
-        m = QuantizedLinear.from_qtensor(qt, compute_dtype=torch.bfloat16)
-        ref_w = dequantize_tensor(qt, torch.float32)
-        errs = []
-        for x in (x8[:1], x8):
-            ref = F.linear(x.float(), ref_w)
-            errs.append(float((m(x).float() - ref).norm() / ref.norm()))
-        limit = 0.05 if m.route_name == "fp8_scaled_mm" else 0.01
-        t = timed(lambda: m(x8[:1]), device)
-        table.add("route", f"{name} [{N}x{K}]", max(errs) <= limit, route=m.route_name, rel_err_b1=errs[0],
-                  rel_err_b8=errs[1], ms=1e3 * t, dense_bf16_ms=1e3 * t_dense, vs_dense=t_dense / t)
+        try:
+            route_row(table, device, name, scheme, w, x8, t_dense, N, K)
+        except Exception as e:  # noqa: BLE001 - one scheme's failure is its own row
+            error_row(table, "route", f"{name} [{N}x{K}]", e)
+
+
+@torch.inference_mode()
+def route_row(table: Table, device: torch.device, name: str, scheme, w, x8, t_dense: float, N: int, K: int) -> None:
+    from fishlab.quant.qlinear import QuantizedLinear
+    qt = quantize_tensor(name, w, scheme).to(device)
+    m = QuantizedLinear.from_qtensor(qt, compute_dtype=torch.bfloat16)
+    ref_w = dequantize_tensor(qt, torch.float32)
+    errs = []
+    for x in (x8[:1], x8):
+        ref = F.linear(x.float(), ref_w)
+        errs.append(float((m(x).float() - ref).norm() / ref.norm()))
+    limit = 0.05 if m.route_name == "fp8_scaled_mm" else 0.01
+    t = timed(lambda: m(x8[:1]), device)
+    table.add("route", f"{name} [{N}x{K}]", max(errs) <= limit, route=m.route_name, rel_err_b1=errs[0],
+              rel_err_b8=errs[1], ms=1e3 * t, dense_bf16_ms=1e3 * t_dense, vs_dense=t_dense / t)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,40 +248,66 @@ def step_parity(model, prompt, device: torch.device) -> float:
     return worst
 
 
-def check_decode(table: Table, ckpt: Path, device: torch.device, frames: int, compile_variants: set[str],
-                 tts_frames: int, budget_s: float, t_start: float) -> None:
-    from fishlab.model.load import model_weight_bytes, routes
-    for variant in VARIANTS:
+def check_decode(table: Table, ckpt: Path, device: torch.device, variants: list[str], frames: int,
+                 compile_variants: set[str], tts_frames: int, budget_s: float, t_start: float) -> None:
+    """Each variant on its own: an exception in one is a FAILED row of its own and the next variant still runs."""
+    for variant in variants:
+        try:
+            check_variant(table, ckpt, device, variant, frames, compile_variants, tts_frames, budget_s, t_start)
+        except Exception as e:  # noqa: BLE001 - reported as a failed row, the run goes on
+            error_row(table, "decode", variant, e)
         peak_reset(device)
-        model = build_variant(ckpt, variant, device)
-        prompt = make_prompt(model.cfg)
-        model.setup_caches(prompt.size(1) + max(frames, tts_frames) + 8)
-        eager, frames_e = decode_rate(model, prompt, frames, device, compile=False)
-        row = dict(routes=",".join(sorted(routes(model)["counts"])) or "float",
-                   weights_gib=model_weight_bytes(model)["total"] / 2**30, frames=int(frames_e.size(1)),
-                   eager_fr_s=eager)
-        ok = True
-        if variant in compile_variants and time.perf_counter() - t_start < budget_s:
+
+
+def error_row(table: Table, section: str, item: str, e: Exception) -> None:
+    import traceback
+    traceback.print_exc()
+    table.add(section, item, False, error=f"{type(e).__name__}: {e}"[:2000])
+
+
+def check_variant(table: Table, ckpt: Path, device: torch.device, variant: str, frames: int,
+                  compile_variants: set[str], tts_frames: int, budget_s: float, t_start: float) -> None:
+    from fishlab.model.load import model_weight_bytes, routes
+    peak_reset(device)
+    t_load = time.perf_counter()
+    model = build_variant(ckpt, variant, device)
+    prompt = make_prompt(model.cfg)
+    model.setup_caches(prompt.size(1) + max(frames, tts_frames) + 8)
+    row = dict(routes=",".join(sorted(routes(model)["counts"])) or "float",
+               weights_gib=model_weight_bytes(model)["total"] / 2**30, build_s=time.perf_counter() - t_load)
+    eager, frames_e = decode_rate(model, prompt, frames, device, compile=False)
+    row.update(frames=int(frames_e.size(1)), eager_fr_s=eager)
+    ok = True
+    if variant in compile_variants and time.perf_counter() - t_start < budget_s:
+        try:
+            t_c = time.perf_counter()
             compiled, frames_c = decode_rate(model, prompt, frames, device, compile=True)
+            row["compile_and_warmup_s"] = time.perf_counter() - t_c
             same = torch.equal(frames_c, frames_e)
             agree = float((frames_c == frames_e).float().mean()) if frames_c.shape == frames_e.shape else 0.0
             rel = step_parity(model, prompt, device)
             row.update(compiled_fr_s=compiled, speedup=compiled / eager, same_frames=same, codes_agree=agree,
                        step_rel_err=rel)
             ok = rel < STEP_TOL[str(model.dtype)]           # frames may part after a near tie (see step_parity)
-        elif variant in compile_variants:
-            row.update(compiled="skipped (time budget)")
-        s = no_sync_in_steps(model, device)
-        if s is not None:
-            row["no_host_sync"] = s
-            ok = ok and s
-        if device.type == "cuda":
-            row["peak_vram_gib"] = peak_bytes(device) / 2**30
-        table.add("decode", variant, ok, **row)
-        if variant == "int4":
+        except Exception as e:  # noqa: BLE001 - the eager figures still count; the row fails
+            import traceback
+            traceback.print_exc()
+            row["compiled_error"] = f"{type(e).__name__}: {e}"[:2000]
+            ok = False
+    elif variant in compile_variants:
+        row.update(compiled="skipped (time budget)")
+    s = no_sync_in_steps(model, device)
+    if s is not None:
+        row["no_host_sync"] = s
+        ok = ok and s
+    if device.type == "cuda":
+        row["peak_vram_gib"] = peak_bytes(device) / 2**30
+    table.add("decode", variant, ok, **row)
+    if variant == "int4":
+        try:
             check_tts(table, model, ckpt, device, tts_frames)
-        del model
-        peak_reset(device)
+        except Exception as e:  # noqa: BLE001
+            error_row(table, "tts", "int4 + codec", e)
 
 
 def load_or_make_codec(ckpt: Path, device: torch.device, dtype: torch.dtype):
@@ -318,7 +369,9 @@ def main(argv=None) -> int:
     ap.add_argument("--small", action="store_true", help="the demo checkpoint instead (CI, CPU)")
     ap.add_argument("--frames", type=int, help="timed greedy frames per variant (default 32 on cuda, 4 on cpu)")
     ap.add_argument("--tts-frames", type=int, help="frames of the end-to-end TTS (default 256 on cuda, 8 on cpu)")
-    ap.add_argument("--compile-variants", help="variants also timed compiled (default: all on cuda, int4 on cpu)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="decode variants, in this order")
+    ap.add_argument("--compile-variants",
+                    help="variants also timed compiled, '' for none (default: all on cuda, int4 on cpu)")
     ap.add_argument("--codec-only", action="store_true",
                     help="only section 4, on random codes of --tts-frames frames (e.g. the S2 Pro codec on a CPU)")
     ap.add_argument("--budget", type=float, default=270, help="seconds after which compiled runs are skipped")
@@ -337,7 +390,12 @@ def main(argv=None) -> int:
     cpu = device.type == "cpu"
     frames = a.frames or (4 if cpu else 32)
     tts_frames = a.tts_frames or (8 if cpu else 256)
-    compile_variants = set((a.compile_variants or ("int4" if cpu else ",".join(VARIANTS))).split(",")) - {""}
+    variants = [v for v in a.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown --variants {unknown}: choose from {list(VARIANTS)}")
+    default_compiled = "int4" if cpu else ",".join(variants)
+    compile_variants = set((default_compiled if a.compile_variants is None else a.compile_variants).split(",")) - {""}
     if cpu:
         torch.set_num_threads(1 if a.small else min(torch.get_num_threads(), 2))   # demo size: one thread
     from fishlab.config import load_config
@@ -349,7 +407,7 @@ def main(argv=None) -> int:
             "dim": cfg.dim}
     print(f"gpu_check on {info['name']} (torch {torch.__version__}), checkpoint {ckpt} "
           f"({cfg.n_layer} + {cfg.fast_n_layer} layers, dim {cfg.dim})", flush=True)
-    table = Table()
+    table = Table(a.json, info, t0)
     error = None
     try:
         if a.codec_only:
@@ -359,7 +417,7 @@ def main(argv=None) -> int:
                 check_codec(table, load_or_make_codec(ckpt, device, torch.float32)[0], codes, ckpt, device)
         else:
             check_routes(table, device, cfg.intermediate_size, cfg.dim)
-            check_decode(table, ckpt, device, frames, compile_variants, tts_frames, a.budget, t0)
+            check_decode(table, ckpt, device, variants, frames, compile_variants, tts_frames, a.budget, t0)
     except Exception as e:  # reported in the table and the JSON, and the run fails
         import traceback
         traceback.print_exc()
@@ -369,10 +427,7 @@ def main(argv=None) -> int:
     table.print()
     failed = [r for r in table.rows if r["ok"] is False]
     print(f"\n{len(table.rows)} rows, {len(failed)} failed, {wall:.0f} s")
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps({"info": info, "wall_s": wall, "rows": table.rows, "failed": len(failed)},
-                                     indent=1, default=str))
+    table.write(complete=True)
     return 1 if failed else 0
 
 

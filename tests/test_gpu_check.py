@@ -32,3 +32,26 @@ def test_gpu_check_runs_green_on_cpu(tmp_path):
     assert rows[("tts", "int4 + codec fp32, sampled")]["finite"]
     assert rows[("codec", "bfloat16 vs float32")]["snr_db"] > 20
     assert "| section | item | result | check |" in p.stdout
+
+
+def test_table_json_is_rewritten_after_every_row(tmp_path):
+    """A run stopped part-way (the time limit of a lent GPU machine) still leaves its rows, marked incomplete;
+    an exception becomes a FAILED row of its own."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    gc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gc)
+    out = tmp_path / "sub" / "rows.json"
+    table = gc.Table(out, {"device": "cpu"})
+    table.add("route", "int8_row [8x8]", True, ms=0.1)
+    first = json.loads(out.read_text())
+    assert first["complete"] is False and first["failed"] == 0 and len(first["rows"]) == 1
+    try:
+        raise RuntimeError("no kernel for this shape")
+    except RuntimeError as e:
+        gc.error_row(table, "decode", "int4", e)
+    table.write(complete=True)
+    last = json.loads(out.read_text())
+    assert last["complete"] is True and last["failed"] == 1 and last["info"] == {"device": "cpu"}
+    assert last["rows"][1]["error"] == "RuntimeError: no kernel for this shape"
+    assert not list(out.parent.glob("*.tmp*"))          # atomic writes leave no temp files
