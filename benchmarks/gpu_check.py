@@ -256,13 +256,17 @@ def check_decode(table: Table, ckpt: Path, device: torch.device, variants: list[
             check_variant(table, ckpt, device, variant, frames, compile_variants, tts_frames, budget_s, t_start)
         except Exception as e:  # noqa: BLE001 - reported as a failed row, the run goes on
             error_row(table, "decode", variant, e)
-        peak_reset(device)
+
+
+def describe(e: Exception) -> str:
+    """The traceback printed, the exception as one line for the table."""
+    import traceback
+    traceback.print_exc()
+    return f"{type(e).__name__}: {e}"[:2000]
 
 
 def error_row(table: Table, section: str, item: str, e: Exception) -> None:
-    import traceback
-    traceback.print_exc()
-    table.add(section, item, False, error=f"{type(e).__name__}: {e}"[:2000])
+    table.add(section, item, False, error=describe(e))
 
 
 def check_variant(table: Table, ckpt: Path, device: torch.device, variant: str, frames: int,
@@ -290,9 +294,7 @@ def check_variant(table: Table, ckpt: Path, device: torch.device, variant: str, 
                        step_rel_err=rel)
             ok = rel < STEP_TOL[str(model.dtype)]           # frames may part after a near tie (see step_parity)
         except Exception as e:  # noqa: BLE001 - the eager figures still count; the row fails
-            import traceback
-            traceback.print_exc()
-            row["compiled_error"] = f"{type(e).__name__}: {e}"[:2000]
+            row["compiled_error"] = describe(e)
             ok = False
     elif variant in compile_variants:
         row.update(compiled="skipped (time budget)")
@@ -408,7 +410,6 @@ def main(argv=None) -> int:
     print(f"gpu_check on {info['name']} (torch {torch.__version__}), checkpoint {ckpt} "
           f"({cfg.n_layer} + {cfg.fast_n_layer} layers, dim {cfg.dim})", flush=True)
     table = Table(a.json, info, t0)
-    error = None
     try:
         if a.codec_only:
             g = torch.Generator().manual_seed(0)
@@ -419,10 +420,7 @@ def main(argv=None) -> int:
             check_routes(table, device, cfg.intermediate_size, cfg.dim)
             check_decode(table, ckpt, device, variants, frames, compile_variants, tts_frames, a.budget, t0)
     except Exception as e:  # reported in the table and the JSON, and the run fails
-        import traceback
-        traceback.print_exc()
-        error = f"{type(e).__name__}: {e}"
-        table.add("error", "exception", False, message=error)
+        table.add("error", "exception", False, message=describe(e))
     wall = time.perf_counter() - t0
     table.print()
     failed = [r for r in table.rows if r["ok"] is False]
