@@ -1,7 +1,7 @@
 """fishlab's own CPU GEMV kernels (fishlab.quant.cgemv / gemv.c): built from source on this machine, they equal
 float32 math on the dequantized weight to one bf16 rounding, for every shape the routes send them (tails,
 groups, zero points, 1..MAX_ROWS rows), in BOTH code paths on every machine: the one built for this CPU
-(AVX-512 BF16 where it has it) and a portable build (plain C loops, as an AVX2-only or non-x86 machine runs)."""
+(AVX-512 BF16 and VNNI where it has them) and a portable build (plain C loops, as an AVX2-only or non-x86 machine runs)."""
 import platform
 
 import pytest
@@ -44,6 +44,38 @@ def test_bf16_and_int8(lib, N, K, M):
     qt = quantize_tensor("w", w, Scheme("int", 8, None))
     q, s = qt.qdata.view(torch.int8).view(N, K), qt.scale.float().reshape(N).contiguous()
     _ulp_close(cgemv.gemv_int8(x, q, s, lib=LIBS[lib]), x.float() @ dequantize_tensor(qt, torch.float32).t())
+
+
+@pytest.mark.parametrize("lib", ["native", "portable"])
+def test_int8_rows_of_every_range(lib):
+    """INT8 takes x as exact integers with VNNI (a row's exponent from its largest |x|): rows spanning 2^-40..2^30,
+    an outlier beside tiny values, an all-zero row, a row with inf and one with NaN (those take the float32 loop)
+    all equal the float64 product to one bf16 rounding plus 2^-20 of sum |x| |w'|."""
+    N, K = 24, 320
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(N, K, generator=g).bfloat16()
+    qt = quantize_tensor("w", w, Scheme("int", 8, None))
+    q, s = qt.qdata.view(torch.int8).view(N, K), qt.scale.float().reshape(N).contiguous()
+    wd = dequantize_tensor(qt, torch.float64)
+    x = torch.randn(6, K, generator=g, dtype=torch.float64)
+    x[0] *= torch.pow(2.0, torch.randint(-40, 30, (K,), generator=g).double())   # every exponent at once
+    x[1, 5] = 3e4                                                                    # one outlier channel
+    x[1, 6:] *= 1e-3
+    x[2] = 0.0
+    x[3] *= 1e-30
+    x = x.bfloat16()
+    ref = x.double() @ wd.t()
+    y = cgemv.gemv_int8(x[:4], q, s, lib=LIBS[lib]).double()
+    slack = 2.0 ** -20 * (x[:4].double().abs() @ wd.abs().t())
+    assert bool(((y - ref[:4]).abs() <= torch.finfo(torch.bfloat16).eps * ref[:4].abs() + slack + 1e-30).all())
+    assert bool((y[2] == 0).all())
+    for bad in (float("inf"), float("nan")):
+        xb = x[4:6].clone()
+        xb[1, 3] = bad
+        yb = cgemv.gemv_int8(xb, q, s, lib=LIBS[lib]).double()
+        refb = xb.double() @ wd.t()
+        assert bool(torch.isnan(yb[1]).eq(torch.isnan(refb[1])).all()) and not bool(torch.isfinite(yb[1]).any())
+        _ulp_close(yb[0].float(), refb[0].float())                 # the finite row beside it is unharmed
 
 
 @pytest.mark.parametrize("lib", ["native", "portable"])

@@ -287,7 +287,7 @@ def test_routes_are_logged_once_and_reported(qdirs, cfg, caplog):
     rb, r32 = routes(qb), routes(q32)
     assert rb["counts"] == dict(expect) and rb["dense_fallback_bytes"] == 0 and rb["dtype"] == "bfloat16"
     assert rb["float_route"].startswith("bf16_gemv") and r32["float_route"] == "F.linear"
-    assert rb["cpu_kernels"] in ("avx512_bf16", "c")
+    assert rb["cpu_kernels"] in ("avx512_bf16+avx512_vnni", "avx512_bf16", "avx512_vnni", "c")
     assert rb["float"] == len(rb["linears"]) - n_targets
     dense = sum(math.prod(s.shape) * 4 for s in linear_targets(cfg, ph.target))
     assert r32["counts"] == {"dense": n_targets} and r32["dense_fallback_bytes"] == dense

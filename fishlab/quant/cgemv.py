@@ -5,8 +5,8 @@ Why our own: at batch 1 on a few cores, torch's CPU kernels (oneDNN's bf16 GEMV,
 ``_weight_int4pack_mm_for_cpu``) are compute-bound well below memory speed (about 15-20 GB/s where this
 sandbox's two cores read 30-44 GB/s; see benchmarks/README.md), and decoding is nothing but such GEMVs. The
 kernels read fishlab's generic packed streams as they are (no torch-internal layout), so they give the same
-result on every CPU; the instruction set only decides how fast (``isa()``: AVX-512 BF16 dot products, or the
-plain C loops the compiler vectorises for the machine).
+result on every CPU; the instruction set only decides how fast (``isa()``: AVX-512 BF16 dot products,
+AVX-512 VNNI integer dot products for INT8, or the plain C loops the compiler vectorises for the machine).
 
 Build: ``$CC`` (else ``cc`` / ``gcc``) ``-O3 -march=native -fopenmp -shared -fPIC`` into
 ``$FISHLAB_CACHE`` (default ``~/.cache/fishlab``) as ``gemv-<hash>.so``, the hash covering the source, the
@@ -92,7 +92,7 @@ def build(march: str = "native") -> tuple[ctypes.CDLL | None, str, Path | None]:
                 return None, f"cannot write the kernel cache {out.parent} ({e}; set FISHLAB_CACHE)", None
             os.close(fd)
             try:
-                r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                r = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
                                    timeout=300)
                 if r.returncode != 0:
                     last_err = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["?"]
@@ -131,8 +131,8 @@ def _lib() -> ctypes.CDLL | None:
         if lib is None:
             log.warning("fishlab: own CPU GEMV kernels unavailable (%s): linears take torch's CPU routes", why)
         else:
-            log.info("fishlab: own CPU GEMV kernels loaded from %s (%s)%s", path,
-                     "AVX-512 BF16" if lib.fl_isa() else "compiler-vectorised C", f"; {why}" if why else "")
+            log.info("fishlab: own CPU GEMV kernels loaded from %s (%s)%s", path, _isa_name(lib.fl_isa()),
+                     f"; {why}" if why else "")
     return None if _off[0] else _state["lib"]
 
 
@@ -149,9 +149,16 @@ def reason() -> str:
     return "disabled() in effect" if _off[0] else _state["reason"] if _state["lib"] is None else ""
 
 
+def _isa_name(bits: int) -> str:
+    names = [n for b, n in ((1, "avx512_bf16"), (2, "avx512_vnni")) if bits & b]
+    return "+".join(names) or "c"
+
+
 def isa() -> str:
+    """The instruction sets the loaded build uses: ``avx512_bf16`` (bf16 and INT4 dot products),
+    ``avx512_vnni`` (INT8 integer dot products), joined by '+'; ``c`` for the plain C loops; ``none``."""
     lib = _lib()
-    return "none" if lib is None else ("avx512_bf16" if lib.fl_isa() else "c")
+    return "none" if lib is None else _isa_name(lib.fl_isa())
 
 
 def library_path() -> Path | None:
