@@ -26,6 +26,7 @@ Targets (issue 11): INT8 >= 1.7x and INT4 >= 2.5x bf16 frames/s, and every varia
 
     .venv/bin/python benchmarks/bench_decode.py                       # 4 slow + 4 fast layers, real vocab
     .venv/bin/python benchmarks/bench_decode.py --slow-layers 2 --frames 2 --variants bf16,int4
+    .venv/bin/python benchmarks/bench_decode.py --compile             # compiled decoding, same table
 
 Synthetic weights: one random matrix per shape is drawn (and quantized) once and copied into every layer
 (distinct storage, same values), which keeps the build fast; decode speed does not depend on the values.
@@ -165,11 +166,15 @@ def memory_bandwidth(gib: float = 1.0, reps: int = 5) -> dict[str, float]:
 
 class Decoder:
     """Greedy frames on one model, as `generate` runs them: prefill a text prompt (sliced head), then frame after
-    frame (`decode_step_static` + the fast loop). `frame()` returns the seconds of (slow part, fast part)."""
+    frame (`decode_step_static` + the fast loop). `frame()` returns the seconds of (slow part, fast part).
+    compile=True: the steps `generate(compile=True)` runs (`DecodeSteps`: torch.compile'd slow step and
+    position-as-tensor fast step); they compile during the first two frames."""
 
-    def __init__(self, model, prompt_len: int, max_frames: int):
+    def __init__(self, model, prompt_len: int, max_frames: int, compile: bool = False):
+        from fishlab.generate import DecodeSteps
         from fishlab.model.dualar import allowed_slow_ids
         self.model, cfg = model, model.cfg
+        self.steps = DecodeSteps(model, compile=compile)
         g = torch.Generator().manual_seed(1)
         prompt = torch.zeros(cfg.num_codebooks + 1, prompt_len, dtype=torch.long)
         prompt[0] = torch.randint(0, 1000, (prompt_len,), generator=g)
@@ -188,9 +193,10 @@ class Decoder:
         t_a = time.perf_counter()
         if self.last is not None:
             with _math_sdpa():
-                self.logits, self.hidden = self.model.decode_step_static(self.last, torch.tensor([self.pos - 1]))
+                self.logits, self.hidden = self.steps.slow(self.last, torch.tensor([self.pos - 1]))
         t_b = time.perf_counter()
-        self.last, _ = fast_decode(self.model, self.hidden, self.ids[torch.argmax(self.logits)])
+        self.last, _ = fast_decode(self.model, self.hidden, self.ids[torch.argmax(self.logits)],
+                                   fast_step=self.steps.fast)
         self.pos += 1
         return t_b - t_a, time.perf_counter() - t_b
 
@@ -249,12 +255,13 @@ def speed_child(args) -> dict:
     bw0 = memory_bandwidth()
     shared: dict = {}
     models = {v: build_model(cfg, v, shared) for v in variants}
-    decs = {v: Decoder(models[v], args.prompt, args.frames + 1) for v in variants}
+    warm = 2 if args.compile else 1                    # compiled: the slow step first runs in the second frame
+    decs = {v: Decoder(models[v], args.prompt, args.frames + warm, compile=args.compile) for v in variants}
     times: dict[str, list] = {v: [] for v in variants}
-    for r in range(args.frames + 1):
+    for r in range(args.frames + warm):
         for v in variants:
             slow, fast = decs[v].frame()
-            if r:
+            if r >= warm:
                 times[v].append((slow + fast, slow, fast))
     layers = {v: layer_times(models[v]) for v in variants}
     bw1 = memory_bandwidth()
@@ -273,7 +280,7 @@ def speed_child(args) -> dict:
 def _child(args, *extra: str) -> dict:
     cmd = [sys.executable, __file__, *extra, "--slow-layers", str(args.slow_layers),
            "--fast-layers", str(args.fast_layers), "--vocab", str(args.vocab), "--frames", str(args.frames),
-           "--prompt", str(args.prompt), "--variants", args.variants]
+           "--prompt", str(args.prompt), "--variants", args.variants] + (["--compile"] if args.compile else [])
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -306,6 +313,9 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--variant", help=argparse.SUPPRESS)          # child mode: memory of one variant
     ap.add_argument("--speed", action="store_true", help=argparse.SUPPRESS)   # child mode: interleaved timing
+    ap.add_argument("--compile", action="store_true",
+                    help="time compiled decoding (generate(compile=True): torch.compile'd steps, fishlab's kernels as "
+                         "custom ops) instead of eager; memory children and per-layer times stay eager")
     ap.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = ap.parse_args()
 
@@ -326,7 +336,8 @@ def main() -> None:
           f"{cfg.vocab_size}, {cfg.num_codebooks} codebooks; torch {torch.__version__} "
           f"({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f} at start")
+          f"load average {os.getloadavg()[0]:.2f} at start; decoding "
+          f"{'compiled (torch.compile, compile time excluded)' if args.compile else 'eager'}")
     mem = {v: _child(args, "--variant", v) for v in variants}
     speed = _child(args, "--speed")
     bw = speed["bandwidth"]
@@ -358,14 +369,14 @@ def main() -> None:
                         f"(target >= {TARGET_FLOOR:.0%}): {'met' if floor >= TARGET_FLOOR else 'NOT met'}")
     print(f"\nmemory bandwidth of this process (best before/after the frames): sum {bw['read_gbs']:.1f} GB/s, "
           f"copy {bw['copy_gbs']:.1f} GB/s (read + write); available = {bw['available_gbs']:.1f} GB/s")
-    print("per layer (decode step, best): " + ", ".join(
+    print("per layer (eager decode step, best): " + ", ".join(
         f"{r['variant']} slow {1e3 * r['slow_layer_s']:.1f} ms / fast {1e3 * r['fast_layer_s']:.1f} ms" for r in results))
     for v in verdicts:
         print("  " + v)
     print(f"\nGiB = 2^30 bytes, GB = 1e9. weights = parameters + packed buffers (model_weight_bytes); RSS: each "
           f"variant alone in a child (VmRSS after the build / VmHWM after one frame, python + torch included). "
           f"fr/s med / best: from the median / fastest of {args.frames} frames per variant, timed round-robin in "
-          f"one process after a warm-up round; frame = decode_step_static (sliced head) + {cfg.num_codebooks} fast "
+          f"one process after a warm-up round (two when compiled); frame = decode_step_static (sliced head) + {cfg.num_codebooks} fast "
           f"steps; slow / fast ms = fastest of each part. speedup = best fr/s / bf16's. GB/frame = weight bytes a "
           f"frame reads; GB/s = GB/frame / best frame time; floor = GB/s / available bandwidth. 36+4 fr/s = "
           f"projected full S2 Pro (measured frame + {FULL_SLOW - cfg.n_layer} x slow layer time"
