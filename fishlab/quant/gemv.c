@@ -9,19 +9,20 @@
  *                  a symmetric scheme), passed as zc = scale * (zero + 128) (zero 8 for a symmetric scheme)
  *   fl_dequant_int4  the same weight as bf16 [N, K] (W' = (u - zero) * scale in float32, rounded once)
  *
- * x and y are bf16, accumulation float32 (INT8 with AVX-512 VNNI: exact integers), one rounding of y to bf16.  Rows are split over the
- * OpenMP threads (the libgomp torch has loaded, so torch.set_num_threads applies).  With AVX-512 BF16 the
- * products run on vdpbf16ps: bf16 x bf16 products are exact in float32, and a 4-bit value u is made an exact
- * bf16 as 128 + u (bits 0x4300 | u) whose 128 * x part is taken out with the zero point.  Without it the
- * plain C loops below are what the compiler vectorises for the machine (AVX2 and others).
+ * x and y are bf16, accumulation float32 (INT8 with AVX-512 VNNI: exact integers), one rounding of y to bf16.
+ * Rows are split over the OpenMP threads (the libgomp torch has loaded, so torch.set_num_threads applies).
+ * With AVX-512 BF16 the products run on vdpbf16ps: bf16 x bf16 products are exact in float32, and a 4-bit
+ * value u is made an exact bf16 as 128 + u (bits 0x4300 | u) whose 128 * x part is taken out with the zero
+ * point.  Without it the plain C loops below are what the compiler vectorises for the machine (AVX2, others).
  *
  * INT8 with AVX-512 VNNI: a row of x is written as integers X = round(x 2^-e), |X| <= 2^20, e from the row's
  * largest |x|, and X as three signed 7-bit digits (X = 2^14 d0 + 2^7 d1 + d2); vpdpbusd multiplies 64 weight
- * bytes (u = q + 128, unsigned) by 64 digits at once into int32, and y = scale 2^e (sum u X - 128 sum X) from
- * int64 sums.  Every x within 2^12 of the row's largest |x| is exact (bf16 has 8 significant bits); a smaller
- * one is off by at most 2^-21 of that largest |x|, below float32 summation noise.  A row with inf or NaN, or
- * K > 2^17, takes the float32 loop.  Why: the float32 loop spends 3 instructions per 16 weights (widen,
- * convert, FMA) and reads DRAM at about 80% of what bf16 does; vpdpbusd spends one per 64 weight x digit.
+ * bytes (u = q + 128, unsigned) by 64 digits at once into int32, and y = scale 2^e (sum u X - 128 sum X), the
+ * three digit sums (int32) combined in int64.  Every x within 2^12 of the row's largest |x| is exact (bf16
+ * has 8 significant bits); a smaller one is off by at most 2^-21 of that largest |x|, below float32 summation
+ * noise.  A row with inf or NaN, or K > 2^17, takes the float32 loop.  Why: the float32 loop spends 3
+ * instructions per 16 weights (widen, convert, FMA) and reads DRAM at about 80% of what bf16 does; vpdpbusd
+ * spends one per 64 weight x digit products.
  */
 #include <stdint.h>
 #include <string.h>
@@ -258,7 +259,7 @@ void fl_gemv_int8(const uint16_t *x, float *xf, const int8_t *q, const float *sc
     int8_t *d = (int8_t *)xf;
     for (int64_t m = 0; ok && m < M; m++) {
         ok = int8_digits(x + m * K, d + 3 * m * K, K, &e[m], &sx[m]);
-        pe[m] = ldexp(1.0, e[m]);
+        pe[m] = ok ? ldexp(1.0, e[m]) : 0.0;
     }
     if (ok) {
 #pragma omp parallel for schedule(static)
