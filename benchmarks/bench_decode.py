@@ -172,13 +172,12 @@ class Decoder:
 
     def __init__(self, model, prompt_len: int, max_frames: int, compile: bool = False):
         from fishlab.generate import DecodeSteps
-        from fishlab.model.dualar import allowed_slow_ids
         self.model, cfg = model, model.cfg
         self.steps = DecodeSteps(model, compile=compile)
         g = torch.Generator().manual_seed(1)
         prompt = torch.zeros(cfg.num_codebooks + 1, prompt_len, dtype=torch.long)
         prompt[0] = torch.randint(0, 1000, (prompt_len,), generator=g)
-        self.ids = allowed_slow_ids(cfg)
+        self.ids = self.steps.ids
         with torch.inference_mode():
             model.setup_caches(prompt_len + max_frames + 2)
             out = model.prefill(prompt, allowed_only=True)
